@@ -1,0 +1,82 @@
+"""BitAxonModel: embedding -> bridge -> 24-layer SSM / SWA+MoE / SSM+MoE sandwich -> bridge -> tied head."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from bit_axon.cache import KVCache, SSMCache
+from bit_axon.config import BitAxonConfig
+from bit_axon.layers.blocks import AxonSSMBlock, AxonSSMMoEBlock, AxonSWAMoEBlock
+
+Cache = list[KVCache | SSMCache]
+
+
+def block_class(config: BitAxonConfig, index: int) -> type[nn.Module]:
+    zone2, zone3 = config.zone_boundaries
+    if index < zone2:
+        return AxonSSMBlock
+    if index < zone3:
+        return AxonSWAMoEBlock
+    return AxonSSMMoEBlock
+
+
+class BitAxonModel(nn.Module):
+    def __init__(self, config: BitAxonConfig):
+        super().__init__()
+        self.config = config
+        self.recompute = False
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_source_model)
+        self.input_proj = nn.Linear(config.d_source_model, config.hidden_dim, bias=False)
+        for i in range(config.num_layers):
+            # Layers are attributes ``layer_{i}`` (not a list) to keep the reference checkpoint names.
+            setattr(self, f"layer_{i}", block_class(config, i)(config))
+        self.output_proj = nn.Linear(config.hidden_dim, config.d_source_model, bias=False)
+        if not config.weight_tying:
+            self.lm_head = nn.Linear(config.d_source_model, config.vocab_size, bias=False)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [getattr(self, f"layer_{i}") for i in range(self.config.num_layers)]
+
+    def make_cache(self) -> Cache:
+        """One cache per layer for incremental decoding."""
+        return [block.make_cache() for block in self.blocks]
+
+    def set_recompute(self, enabled: bool) -> None:
+        """Recompute each layer's activations in the backward pass instead of storing them."""
+        self.recompute = enabled
+
+    def head(self, h: mx.array) -> mx.array:
+        if self.config.weight_tying:
+            return self.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def _run_block(self, block: nn.Module, x: mx.array, segment_ids: mx.array | None) -> mx.array:
+        def forward(params, x, *seg):
+            block.update(params)
+            return block(x, None, seg[0] if seg else None)
+
+        seg = () if segment_ids is None else (segment_ids,)
+        return mx.checkpoint(forward)(block.trainable_parameters(), x, *seg)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        cache: Cache | None = None,
+        segment_ids: mx.array | None = None,
+    ) -> tuple[mx.array, Cache | None]:
+        """Logits (B, L, vocab) and the updated caches.
+
+        ``segment_ids`` (B, L) marks the examples of a packed row: attention, the SSM state and the
+        conv window never cross from one segment into the next.
+        """
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids are for packed training rows; they cannot be combined with a cache")
+        x = self.input_proj(self.embed_tokens(input_ids))
+        for i, block in enumerate(self.blocks):
+            if self.recompute and cache is None:
+                x = self._run_block(block, x, segment_ids)
+            else:
+                x = block(x, None if cache is None else cache[i], segment_ids)
+        return self.head(self.output_proj(x)), cache
