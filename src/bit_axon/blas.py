@@ -42,7 +42,7 @@ def _cpu_flags() -> set[str]:
 
 
 def _cmeel_openblas() -> list[str]:
-    if not _CMEEL_REQUIRED_FLAGS <= _cpu_flags():
+    if not _cpu_flags() >= _CMEEL_REQUIRED_FLAGS:
         return []
     found: list[str] = []
     for base in sys.path:

@@ -34,3 +34,7 @@ def atomic_save_safetensors(
 ) -> None:
     # mx.save_safetensors appends ".safetensors" unless the name already ends with it.
     _atomic(Path(path), lambda p: mx.save_safetensors(str(p), arrays, metadata=metadata or {}), ".safetensors")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic(Path(path), lambda p: p.write_bytes(data))

@@ -6,8 +6,6 @@ from bit_axon.layers.moe import SharedExpertMoE, SwiGLU, SwitchGLU, SwitchLinear
 from bit_axon.layers.scan import selective_scan, sequential_scan
 from bit_axon.layers.ssm import AxonSSM
 
-
-
 __all__ = [
     "AxonSSM",
     "AxonSSMBlock",

@@ -24,7 +24,6 @@ class AxonSSM(nn.Module):
         H, E = config.hidden_dim, config.ssm_intermediate_dim
         N, R, K = config.ssm_d_state, config.ssm_dt_rank, config.ssm_d_conv
         self.d_state, self.dt_rank, self.d_conv = N, R, K
-        self.recompute = False
 
         self.in_proj = nn.Linear(H, 2 * E, bias=False)
         self.conv1d = nn.Conv1d(E, E, kernel_size=K, groups=E, bias=True)
@@ -64,7 +63,7 @@ class AxonSSM(nn.Module):
     def __call__(
         self, x: mx.array, cache: SSMCache | None = None, segment_ids: mx.array | None = None
     ) -> mx.array:
-        N, R = self.d_state, self.dt_rank
+        N = self.d_state
         xs, z = mx.split(self.in_proj(x), 2, axis=-1)
         xs = nn.silu(self._conv(xs, cache, segment_ids))
         B, C, dt = mx.split(self.x_proj(xs), [N, 2 * N], axis=-1)
@@ -72,7 +71,7 @@ class AxonSSM(nn.Module):
         A = -mx.exp(self.A_log)
         h0 = cache.ssm_state if cache is not None else None
         reset = segment_starts(segment_ids) if segment_ids is not None else None
-        y, h = selective_scan(xs, dt, A, B, C, self.D, h0=h0, reset=reset, recompute=self.recompute)
+        y, h = selective_scan(xs, dt, A, B, C, self.D, h0=h0, reset=reset)
         if cache is not None:
             cache.ssm_state = h
         return self.out_proj(y * nn.silu(z))
