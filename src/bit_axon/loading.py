@@ -1,4 +1,8 @@
-"""Model directories: ``config.json`` plus one or more ``*.safetensors`` files."""
+"""Model directories: ``config.json`` plus one or more ``*.safetensors`` files.
+
+A quantized model records ``{"mode", "bits", "group_size"}`` under ``quantization`` in its
+``config.json``; loading rebuilds that quantized structure before the stored codes and scales go in.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from mlx.utils import tree_flatten
 from bit_axon.config import BitAxonConfig
 from bit_axon.io import atomic_save_safetensors
 from bit_axon.model import BitAxonModel
+from bit_axon.quantization import quantization_spec, quantize_model
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -33,6 +38,9 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> BitAxonModel:
         raise FileNotFoundError(f"Model directory not found: {path}")
     config = BitAxonConfig.load(path)
     model = BitAxonModel(config)
+    if config.quantization is not None:
+        # Replacing the (lazy, never evaluated) random float layers costs no compute.
+        quantize_model(model, **quantization_spec(config.quantization))
     weights = load_weights(path)
     if config.weight_tying:
         # Reference checkpoints store the tied head too; it is the embedding by definition.

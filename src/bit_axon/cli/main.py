@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from bit_axon.cli.merge import merge
+from bit_axon.cli.prepare import prepare
+from bit_axon.cli.quantize import quantize
+
 app = typer.Typer(
     name="bit-axon",
     help="Fine-tune the Bit-Axon language model on your own machine.",
@@ -23,7 +27,6 @@ def demo() -> None:
     import time
 
     import mlx.core as mx
-
     from mlx.utils import tree_flatten
 
     from bit_axon import BitAxonConfig, BitAxonModel
@@ -40,6 +43,10 @@ def demo() -> None:
     typer.echo(f"BLAS: {blas_in_use()}")
     typer.echo(f"small model: {n_params:,} parameters; logits {tuple(logits.shape)} in {time.perf_counter() - start:.2f}s")
 
+
+app.command("prepare")(prepare)
+app.command("quantize")(quantize)
+app.command("merge")(merge)
 
 if __name__ == "__main__":
     app()

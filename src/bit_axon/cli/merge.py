@@ -1,0 +1,43 @@
+"""``bit-axon merge``: fold a trained adapter into its base model and save the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from bit_axon.training.merging import load_and_merge
+
+
+def merge(
+    base: Path = typer.Argument(..., help="Base model directory (config.json + *.safetensors)."),
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter file (*.safetensors) to merge."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write the merged model to."),
+    re_quantize: bool = typer.Option(
+        True, "--re-quantize/--no-re-quantize", help="Quantize the merged model (default) or keep full precision."
+    ),
+    bits: int = typer.Option(4, "--bits", "-b", help="Bits per weight when re-quantizing."),
+    group_size: int = typer.Option(64, "--group-size", "-g", help="Quantization group size when re-quantizing."),
+    lora_rank: int | None = typer.Option(
+        None, "--lora-rank", "-r", help="Expected adapter rank; checked against the file (read from it if omitted)."
+    ),
+) -> None:
+    """Merge a LoRA/DoRA adapter into a base model."""
+    console = Console(stderr=True)
+    try:
+        with console.status(f"Merging {adapter} into {base}"):
+            out = load_and_merge(
+                base,
+                adapter,
+                output,
+                quantize_after_merge=re_quantize,
+                bits=bits,
+                group_size=group_size,
+                lora_rank=lora_rank,
+            )
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+    precision = f"{bits}-bit (group {group_size})" if re_quantize else "full-precision"
+    console.print(f"Saved {precision} merged model to {out}")

@@ -1,0 +1,290 @@
+"""4-bit NormalFloat (NF4) weights, as in QLoRA (Dettmers et al., 2023).
+
+Each group of ``group_size`` consecutive weights along the input dimension is divided by its absolute
+maximum and rounded to the nearest of the 16 NF4 values below, which are quantiles of N(0, 1) scaled
+to [-1, 1] (with an exact zero). The 4-bit codes are packed eight to a uint32 in input order, lowest
+bits first — MLX's own 4-bit layout — so a packed (out, in / 8) weight has the same shape as an MLX
+affine 4-bit weight. Scales (the per-group absmax) keep the source weight's dtype; QLoRA's "double
+quantization" of the scales is not implemented (it would save 0.37 bits per weight).
+
+There is no NF4 matmul kernel in MLX, so the layers dequantize and then use the ordinary (gather)
+matmul, which runs on every backend. Their backward passes dequantize again instead of keeping the
+float weight alive between forward and backward: the frozen base then costs 4.5 bits per weight
+during training, not 32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from bit_axon.layers.moe import SwitchLinear
+
+# The NF4 data type, exactly as tabulated in the QLoRA paper (Appendix E) and bitsandbytes.
+NF4_CODEBOOK: tuple[float, ...] = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+_CODEBOOK = mx.array(NF4_CODEBOOK, dtype=mx.float32)
+# Decision boundaries between neighbouring codes: a value maps to the number of midpoints below it.
+_MIDPOINTS = (_CODEBOOK[1:] + _CODEBOOK[:-1]) / 2
+_CODES_PER_WORD = 8  # 32-bit words / 4-bit codes
+_SHIFTS = mx.arange(0, 32, 4, dtype=mx.uint32)
+_BYTES = mx.arange(256, dtype=mx.uint32)
+_BYTE_TABLE = mx.stack([_CODEBOOK[_BYTES & 0xF], _CODEBOOK[_BYTES >> 4]], axis=-1)  # (256, 2)
+
+
+def nf4_quantize(w: mx.array, group_size: int = 64) -> tuple[mx.array, mx.array]:
+    """Quantize ``w`` (..., in) to packed codes (..., in / 8) uint32 and absmax scales (..., in / group_size).
+
+    Lazy like ``mx.quantize``: nothing is computed until the result is evaluated.
+    """
+    *lead, n_in = w.shape
+    if group_size <= 0 or group_size % _CODES_PER_WORD:
+        raise ValueError(f"NF4 group_size must be a positive multiple of {_CODES_PER_WORD}, got {group_size}")
+    if n_in % group_size:
+        raise ValueError(f"NF4 needs the last dimension ({n_in}) to be divisible by group_size ({group_size})")
+    groups = w.reshape(*lead, n_in // group_size, group_size)
+    absmax = mx.abs(groups).max(axis=-1, keepdims=True)
+    # An all-zero group has absmax 0; dividing by 1 instead maps it to the exact-zero code.
+    normed = (groups / mx.where(absmax > 0, absmax, 1)).astype(mx.float32)
+    # Binary search over the 15 sorted midpoints: 4 comparisons per weight give the nearest code.
+    codes = mx.zeros(normed.shape, dtype=mx.uint32)
+    for step in (8, 4, 2, 1):
+        above = normed > _MIDPOINTS[codes + (step - 1)]
+        codes = codes + step * above.astype(mx.uint32)
+    packed = codes.reshape(*lead, n_in // _CODES_PER_WORD, _CODES_PER_WORD) << _SHIFTS
+    return packed.sum(axis=-1), absmax.squeeze(-1)
+
+
+def nf4_unpack(packed: mx.array) -> mx.array:
+    """Packed (..., in / 8) uint32 -> codes (..., in) uint32 in [0, 16)."""
+    codes = (packed[..., None] >> _SHIFTS) & 0xF
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * _CODES_PER_WORD)
+
+
+def nf4_dequantize(packed: mx.array, scales: mx.array) -> mx.array:
+    """Codes (..., in / 8) and scales (..., in / group) -> weights (..., in) in the scales' dtype.
+
+    The group size is implied by the shapes, so it cannot disagree with how the weight was quantized.
+    """
+    # Read the words as bytes (little-endian, as on every MLX platform: byte k holds codes 2k and
+    # 2k + 1) and look each byte up in a 256 x 2 table of value pairs: half the gathers of a per-code
+    # lookup and no per-code integer temporaries (~2x faster on CPU than unpacking the codes first).
+    pairs = _BYTE_TABLE.astype(scales.dtype)[mx.view(packed, mx.uint8)]
+    *lead, n_bytes, _ = pairs.shape
+    n_in, n_groups = 2 * n_bytes, scales.shape[-1]
+    values = pairs.reshape(*lead, n_groups, n_in // n_groups)
+    return (values * scales[..., None]).reshape(*lead, n_in)
+
+
+def _sum_to_shape(g: mx.array, shape: tuple[int, ...]) -> mx.array:
+    """Undo broadcasting: sum ``g`` over the axes that broadcasting added or expanded from 1."""
+    extra = g.ndim - len(shape)
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    expanded = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(axis=expanded, keepdims=True) if expanded else g
+
+
+@mx.custom_function
+def nf4_matmul(x: mx.array, packed: mx.array, scales: mx.array) -> mx.array:
+    """``x @ W.T`` for the NF4 weight W (out, in)."""
+    return x @ nf4_dequantize(packed, scales).T
+
+
+@nf4_matmul.vjp
+def _nf4_matmul_vjp(primals, cotangent, output):
+    x, packed, scales = primals
+    # The weights are frozen: only x gets a gradient, and W is rebuilt rather than kept from forward.
+    w = nf4_dequantize(packed, scales)
+    return (cotangent @ w).astype(x.dtype), mx.zeros_like(packed), mx.zeros_like(scales)
+
+
+@functools.cache
+def _nf4_gather_matmul(sorted_indices: bool):
+    @mx.custom_function
+    def gather(x, packed, scales, indices):
+        w = nf4_dequantize(packed, scales)
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    @gather.vjp
+    def gather_vjp(primals, cotangent, output):
+        x, packed, scales, indices = primals
+        w = nf4_dequantize(packed, scales)
+        dx = mx.gather_mm(cotangent, w, rhs_indices=indices, sorted_indices=sorted_indices)
+        return (
+            _sum_to_shape(dx, x.shape).astype(x.dtype),
+            mx.zeros_like(packed),
+            mx.zeros_like(scales),
+            mx.zeros_like(indices),
+        )
+
+    return gather
+
+
+def nf4_gather_matmul(
+    x: mx.array, packed: mx.array, scales: mx.array, indices: mx.array, sorted_indices: bool = False
+) -> mx.array:
+    """``mx.gather_mm`` of x with the stacked NF4 expert weights (X, out, in) chosen by ``indices``."""
+    return _nf4_gather_matmul(sorted_indices)(x, packed, scales, indices)
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer with NF4 weights (QLoRA's base layer): ``x @ dequantize().T + bias``."""
+
+    def __init__(self, input_dims: int, output_dims: int, bias: bool = True, group_size: int = 64):
+        super().__init__()
+        self.group_size = group_size
+        self.bits = 4
+        self.mode = "nf4"
+        bound = 1 / math.sqrt(input_dims)
+        w = mx.random.uniform(-bound, bound, (output_dims, input_dims))
+        self.weight, self.scales = nf4_quantize(w, group_size)
+        if bias:
+            self.bias = mx.zeros((output_dims,))
+        self.freeze()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> NF4Linear:
+        output_dims, input_dims = linear.weight.shape
+        layer = cls(input_dims, output_dims, bias="bias" in linear, group_size=group_size)
+        layer.weight, layer.scales = nf4_quantize(linear.weight, group_size)
+        if "bias" in linear:
+            layer.bias = linear.bias
+        layer.freeze()
+        return layer
+
+    @property
+    def input_dims(self) -> int:
+        return self.weight.shape[-1] * _CODES_PER_WORD
+
+    @property
+    def output_dims(self) -> int:
+        return self.weight.shape[0]
+
+    def dequantize(self) -> mx.array:
+        """The float weight (out, in)."""
+        return nf4_dequantize(self["weight"], self["scales"])
+
+    def _extra_repr(self) -> str:
+        return (
+            f"input_dims={self.input_dims}, output_dims={self.output_dims}, bias={'bias' in self}, "
+            f"group_size={self.group_size}, bits=4, mode=nf4"
+        )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = nf4_matmul(x, self["weight"], self["scales"])
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+class NF4SwitchLinear(nn.Module):
+    """NF4 version of :class:`SwitchLinear`: stacked expert weights (X, out, in) applied by index."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, group_size: int = 64):
+        super().__init__()
+        self.group_size = group_size
+        self.bits = 4
+        self.mode = "nf4"
+        bound = 1 / math.sqrt(input_dims)
+        w = mx.random.uniform(-bound, bound, (num_experts, output_dims, input_dims))
+        self.weight, self.scales = nf4_quantize(w, group_size)
+        self.freeze()
+
+    @classmethod
+    def from_switch_linear(cls, layer: SwitchLinear, group_size: int = 64) -> NF4SwitchLinear:
+        num_experts, output_dims, input_dims = layer.weight.shape
+        q = cls(input_dims, output_dims, num_experts, group_size=group_size)
+        q.weight, q.scales = nf4_quantize(layer.weight, group_size)
+        q.freeze()
+        return q
+
+    @property
+    def input_dims(self) -> int:
+        return self.weight.shape[-1] * _CODES_PER_WORD
+
+    @property
+    def output_dims(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def dequantize(self) -> mx.array:
+        """The float expert weights (X, out, in)."""
+        return nf4_dequantize(self["weight"], self["scales"])
+
+    def _extra_repr(self) -> str:
+        return (
+            f"input_dims={self.input_dims}, output_dims={self.output_dims}, num_experts={self.num_experts}, "
+            f"group_size={self.group_size}, bits=4, mode=nf4"
+        )
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return nf4_gather_matmul(x, self["weight"], self["scales"], indices, sorted_indices)
+
+
+class NF4Embedding(nn.Module):
+    """NF4 embedding table (vocab, dims); ``as_linear`` is the tied output head.
+
+    Lookups dequantize only the rows they need. ``as_linear`` dequantizes the whole table for the
+    matmul (a transient vocab x dims float array, not kept for the backward pass).
+    """
+
+    def __init__(self, num_embeddings: int, dims: int, group_size: int = 64):
+        super().__init__()
+        self.group_size = group_size
+        self.bits = 4
+        self.mode = "nf4"
+        w = mx.random.normal((num_embeddings, dims), scale=math.sqrt(1 / dims))
+        self.weight, self.scales = nf4_quantize(w, group_size)
+        self.freeze()
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, group_size: int = 64) -> NF4Embedding:
+        num_embeddings, dims = embedding.weight.shape
+        q = cls(num_embeddings, dims, group_size=group_size)
+        q.weight, q.scales = nf4_quantize(embedding.weight, group_size)
+        q.freeze()
+        return q
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def dims(self) -> int:
+        return self.weight.shape[-1] * _CODES_PER_WORD
+
+    def dequantize(self) -> mx.array:
+        """The float table (vocab, dims)."""
+        return nf4_dequantize(self["weight"], self["scales"])
+
+    def _extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.dims}, group_size={self.group_size}, bits=4, mode=nf4"
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return nf4_dequantize(self["weight"][ids], self["scales"][ids])
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return nf4_matmul(x, self["weight"], self["scales"])

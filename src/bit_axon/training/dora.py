@@ -1,0 +1,89 @@
+"""DoRA (weight-decomposed LoRA, Liu et al., 2024): LoRA plus a trainable per-row magnitude ``m``.
+
+    output = (m / ||W + scale B^T A^T||_row) * (W x + scale (dropout(x) A) B) + bias
+
+``m`` starts as the row norms of the frozen base weight (dequantized for quantized bases), so a fresh
+adapter reproduces the base layer. As recommended in the paper (Sec. 4.3) and done by PEFT and
+mlx-lm, the adapted row norm is treated as a constant in the backward pass (``mx.stop_gradient``):
+gradients reach ``m`` directly and ``A``/``B`` through the LoRA path only, which saves the memory of
+differentiating a norm over the full (out, in) weight at a negligible cost in accuracy.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from bit_axon.quantization import NF4Linear, dense_weight, quantize_like
+from bit_axon.quantization.nf4 import nf4_matmul
+from bit_axon.training.lora import LoRALinear
+
+
+def _row_norm_sq(w: mx.array) -> mx.array:
+    return (w * w).sum(axis=1)
+
+
+def _matmul(linear: nn.Module, x: mx.array) -> mx.array:
+    """``x @ W.T`` of a linear layer without its bias, in the layer's own (quantized) kernel."""
+    if isinstance(linear, nn.QuantizedLinear):
+        return mx.quantized_matmul(
+            x,
+            linear["weight"],
+            linear["scales"],
+            linear.get("biases"),
+            transpose=True,
+            group_size=linear.group_size,
+            bits=linear.bits,
+            mode=linear.mode,
+        )
+    if isinstance(linear, NF4Linear):
+        return nf4_matmul(x, linear["weight"], linear["scales"])
+    return x @ linear["weight"].T
+
+
+class DoRALinear(LoRALinear):
+    """A LoRA layer whose output rows are re-scaled to the trainable magnitude ``m`` (output_dims,)."""
+
+    def __init__(self, linear: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        super().__init__(linear, r=r, scale=scale, dropout=dropout)
+        # Computed exactly as adapted_norm() does with B = 0, so a fresh adapter's ratio is exactly 1.
+        self.m = mx.sqrt(_row_norm_sq(dense_weight(self.linear).astype(mx.float32)))
+
+    @classmethod
+    def from_base(cls, linear: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0) -> DoRALinear:
+        """Wrap an existing ``nn.Linear``, ``nn.QuantizedLinear`` or ``NF4Linear``, keeping its weights."""
+        return cls(linear, r=r, scale=scale, dropout=dropout)
+
+    def adapted_norm(self) -> mx.array:
+        """Row norms of ``W + scale B^T A^T`` (output_dims,), without forming the (out, in) update.
+
+        ||W_o + s d_o||^2 = ||W_o||^2 + 2 s (W A)_o . B_o + s^2 B_o^T (A^T A) B_o, where d_o is row o
+        of B^T A^T and B_o column o of B: only (out, r) and (r, r) products beyond the ||W_o||^2 sum.
+        """
+        w = dense_weight(self.linear).astype(mx.float32)
+        a, b, s = self.lora_a, self.lora_b, self.scale
+        cross = ((w @ a) * b.T).sum(axis=1)
+        quad = (((a.T @ a) @ b) * b).sum(axis=0)
+        return mx.sqrt(_row_norm_sq(w) + 2 * s * cross + s * s * quad)
+
+    def fuse(self, requantize: bool = False) -> nn.Module:
+        """A plain layer with weight ``(m / ||W + delta||_row) (W + delta)``, ``delta = scale B^T A^T``.
+
+        Quantized bases are dequantized first; ``requantize=True`` quantizes the result again with the
+        base's format, bits and group size.
+        """
+        fused = super().fuse(requantize=False)
+        adapted = fused.weight
+        norm = mx.linalg.norm(adapted.astype(mx.float32), axis=1)
+        fused.weight = ((self.m / norm)[:, None] * adapted).astype(adapted.dtype)
+        return quantize_like(fused, self.linear) if requantize else fused
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _matmul(self.linear, x)
+        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
+        out = y + (self.scale * z).astype(y.dtype)
+        norm = mx.stop_gradient(self.adapted_norm())
+        out = (self.m / norm).astype(out.dtype) * out
+        if "bias" in self.linear:
+            out = out + self.linear["bias"]
+        return out
