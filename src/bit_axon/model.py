@@ -60,6 +60,23 @@ class BitAxonModel(nn.Module):
         seg = () if segment_ids is None else (segment_ids,)
         return mx.checkpoint(forward)(block.trainable_parameters(), x, *seg)
 
+    def features(
+        self,
+        input_ids: mx.array,
+        cache: Cache | None = None,
+        segment_ids: mx.array | None = None,
+    ) -> mx.array:
+        """Hidden states before the vocabulary head, (B, L, d_source_model)."""
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids are for packed training rows; they cannot be combined with a cache")
+        x = self.input_proj(self.embed_tokens(input_ids))
+        for i, block in enumerate(self.blocks):
+            if self.recompute and cache is None:
+                x = self._run_block(block, x, segment_ids)
+            else:
+                x = block(x, None if cache is None else cache[i], segment_ids)
+        return self.output_proj(x)
+
     def __call__(
         self,
         input_ids: mx.array,
@@ -71,12 +88,4 @@ class BitAxonModel(nn.Module):
         ``segment_ids`` (B, L) marks the examples of a packed row: attention, the SSM state and the
         conv window never cross from one segment into the next.
         """
-        if cache is not None and segment_ids is not None:
-            raise ValueError("segment_ids are for packed training rows; they cannot be combined with a cache")
-        x = self.input_proj(self.embed_tokens(input_ids))
-        for i, block in enumerate(self.blocks):
-            if self.recompute and cache is None:
-                x = self._run_block(block, x, segment_ids)
-            else:
-                x = block(x, None if cache is None else cache[i], segment_ids)
-        return self.head(self.output_proj(x)), cache
+        return self.head(self.features(input_ids, cache, segment_ids)), cache

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from bit_axon.profiling.thermal import ThermalMonitor
 
@@ -274,6 +274,12 @@ class CoolingScheduler:
             "pauses": self._pauses,
             "cooldown_gain": self.controller.gain,
         }
+
+    def restore_totals(self, state: dict[str, Any]) -> None:
+        """Carry pause/cool-down totals over from a checkpoint's state, so a resumed run reports all of it."""
+        self._total_pause = float(state.get("total_pause_time") or 0.0)
+        self._total_cooldown = float(state.get("total_cooldown_time") or 0.0)
+        self._pauses = int(state.get("pauses") or 0)
 
     def close(self) -> None:
         """Stop the monitor's polling thread, if it has one."""

@@ -1,0 +1,254 @@
+"""Checkpoints: adapter-only files (below) and full training checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from bit_axon.io import atomic_save_safetensors
+from bit_axon.training.lora import adapter_config, adapter_layers, apply_lora_to_model, lora_target
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------
+# Adapter-only files: save_adapter_only / load_adapter
+#
+# A file holds ``{layer path}.lora_a``, ``.lora_b`` (and DoRA's ``.m``) for every adapted layer, plus
+# safetensors metadata ``lora_rank``, ``lora_scale``, ``lora_dropout`` and ``use_dora`` (strings, from
+# ``AdapterConfig.metadata()``), so loading rebuilds the same adapters without guessing.
+# ---------------------------------------------------------------------------------------------------
+
+ADAPTER_PARAMS = ("lora_a", "lora_b", "m")
+DEFAULT_LORA_SCALE = 20.0  # the guide's default; used only for files that do not record their scale
+
+
+def save_adapter_only(model: nn.Module, path: str | Path) -> Path:
+    """Write only the adapter weights (``lora_a``, ``lora_b``, DoRA ``m``) of ``model`` to ``path``."""
+    path = Path(path)
+    config = adapter_config(model)  # also refuses models without adapters or with mixed settings
+    weights = {}
+    for layer_path, layer in adapter_layers(model):
+        for name in ADAPTER_PARAMS:
+            if name in layer:
+                weights[f"{layer_path}.{name}"] = layer[name]
+    atomic_save_safetensors(path, weights, metadata={"format": "mlx", **config.metadata()})
+    return path
+
+
+def _split_adapter_key(key: str) -> tuple[str, str] | None:
+    layer_path, _, name = key.rpartition(".")
+    return (layer_path, name) if layer_path and name in ADAPTER_PARAMS else None
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
+    """Wrap ``model``'s target layers in adapters of the kind and rank stored in ``path``, then load them.
+
+    ``model`` must not have adapters yet. The file may also hold non-adapter tensors (a full training
+    checkpoint); those are ignored. Returns the wrapped layer paths. Raises ``ValueError`` when the
+    file's adapted layers or shapes do not match the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Adapter file not found: {path}")
+    try:
+        tensors, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+
+    adapters: dict[str, dict[str, mx.array]] = {}
+    for key, value in tensors.items():
+        split = _split_adapter_key(key)
+        if split is not None:
+            adapters.setdefault(split[0], {})[split[1]] = value
+    if not adapters:
+        raise ValueError(f"{path} holds no adapter weights (no *.lora_a / *.lora_b / *.m tensors)")
+    ignored = len(tensors) - sum(len(v) for v in adapters.values())
+    if ignored:
+        logger.info("%s: ignoring %d non-adapter tensors", path, ignored)
+
+    use_dora = any("m" in params for params in adapters.values())
+    incomplete = sorted(
+        p for p, params in adapters.items() if {"lora_a", "lora_b"} - set(params) or use_dora != ("m" in params)
+    )
+    if incomplete:
+        raise ValueError(f"{path}: incomplete adapter tensors for {', '.join(incomplete[:5])}")
+    ranks = {params["lora_a"].shape[-1] for params in adapters.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"{path}: adapters of different ranks {sorted(ranks)}")
+    rank = ranks.pop()
+    if "lora_rank" in metadata and int(metadata["lora_rank"]) != rank:
+        raise ValueError(f"{path}: metadata says rank {metadata['lora_rank']} but the tensors have rank {rank}")
+    if "use_dora" in metadata and (metadata["use_dora"] == "true") != use_dora:
+        raise ValueError(f"{path}: metadata use_dora={metadata['use_dora']} disagrees with its tensors")
+    if "lora_scale" in metadata:
+        scale = float(metadata["lora_scale"])
+    else:
+        scale = DEFAULT_LORA_SCALE
+        logger.warning("%s does not record lora_scale; assuming the default %s", path, scale)
+    dropout = float(metadata.get("lora_dropout", 0.0))
+
+    if adapter_layers(model):
+        raise ValueError("The model already has adapters; load_adapter needs a model without them")
+    targets = {p for p, _ in model.named_modules() if lora_target(p)}
+    missing, unexpected = sorted(targets - set(adapters)), sorted(set(adapters) - targets)
+    if missing or unexpected:
+        raise ValueError(
+            f"Adapter {path} does not match the model: "
+            f"{len(missing)} target layers have no adapter {missing[:3]}, "
+            f"{len(unexpected)} adapters have no target layer {unexpected[:3]}"
+        )
+
+    wrapped = apply_lora_to_model(model, rank=rank, dropout=dropout, scale=scale, use_dora=use_dora)
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    weights = {f"{p}.{name}": v for p, params in adapters.items() for name, v in params.items()}
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"Adapter {path} does not match the model: {key} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}"
+            )
+    model.update(tree_unflatten(list(weights.items())))
+    mx.eval(model.trainable_parameters())
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training checkpoints: save_checkpoint / load_checkpoint / get_latest_checkpoint
+#
+# ``output_dir/step_%08d/`` holds ``adapters.safetensors`` (the trainable parameters, in the
+# adapter-file format above, so any checkpoint can be merged or run directly),
+# ``optimizer_state.safetensors`` (AdamW moments, step count, learning rate) and
+# ``training_state.json`` (``step``, ``loss`` and what exact resume needs: data position, RNG state).
+# A checkpoint is written into a hidden temporary folder and renamed into place, so a crash mid-save
+# never leaves a half-written ``step_*`` folder behind.
+# ---------------------------------------------------------------------------------------------------
+
+ADAPTERS_FILE = "adapters.safetensors"
+OPTIMIZER_FILE = "optimizer_state.safetensors"
+STATE_FILE = "training_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    step: int,
+    loss: float,
+    output_dir: str | Path,
+    extra_state: dict[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Write ``output_dir/step_{step:08d}/`` atomically and keep only the ``keep`` newest checkpoints."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    bad = [k for k, v in trainable.items() if not mx.all(mx.isfinite(v)).item()]
+    if bad:
+        raise ValueError(f"Refusing to save a checkpoint with non-finite weights in {', '.join(bad[:5])}")
+    final = output_dir / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
+    try:
+        save_adapter_only(model, tmp / ADAPTERS_FILE)
+        mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
+        state = {"step": step, "loss": _finite_or_none(float(loss)), **(extra_state or {})}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out first
+            stale = final.with_name(f".{final.name}.stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final, stale)
+            os.rename(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _rotate(output_dir, keep)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [
+        p for p in output_dir.iterdir()
+        if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()
+    ]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def _rotate(output_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old)
+
+
+def get_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The highest-step complete checkpoint in ``output_dir``, or None."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def read_training_state(path: str | Path) -> dict[str, Any]:
+    state_file = Path(path) / STATE_FILE
+    try:
+        return json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"Unreadable checkpoint state {state_file}: {err}") from err
+
+
+def load_checkpoint(model: nn.Module, optimizer: optim.Optimizer, path: str | Path) -> tuple[int, float]:
+    """Restore adapter weights and optimizer state from a checkpoint folder; return (step, loss)."""
+    path = Path(path)
+    state = read_training_state(path)
+    weights = mx.load(str(path / ADAPTERS_FILE))
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    if set(weights) != set(expected):
+        missing = sorted(set(expected) - set(weights))[:3]
+        unexpected = sorted(set(weights) - set(expected))[:3]
+        raise ValueError(
+            f"Checkpoint {path} does not match the model's adapters (missing {missing}, unexpected {unexpected}); "
+            "were the LoRA/DoRA settings changed since it was written?"
+        )
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"Checkpoint {path}: {key} has shape {value.shape}, the model expects {expected[key].shape}")
+    model.load_weights(list(weights.items()), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_FILE)).items()))
+    mx.eval(model.parameters(), optimizer.state)
+    loss = state.get("loss")
+    return int(state["step"]), float("nan") if loss is None else float(loss)
