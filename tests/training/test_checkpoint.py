@@ -5,7 +5,6 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
-from toy import tiny_model
 
 from bit_axon.training import checkpoint
 from bit_axon.training.checkpoint import (
@@ -14,6 +13,7 @@ from bit_axon.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from toy import tiny_model
 
 
 def _model_and_optimizer():

@@ -4,11 +4,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from toy import PAD, config, preference_task, tiny_model, trainer_kwargs
 
 from bit_axon.training.collate import IGNORE_INDEX, iterate_orpo_batches
 from bit_axon.training.orpo_loss import compute_orpo_loss, get_logps, log1mexp, orpo_loss
 from bit_axon.training.orpo_trainer import ORPOTrainer
+from toy import PAD, config, preference_task, tiny_model, trainer_kwargs
 
 
 def reference_penalty(chosen, rejected, beta):

@@ -7,7 +7,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
-from toy import EOS, PAD, config, copy_task, tiny_model, trainer_kwargs
 
 from bit_axon.training.checkpoint import get_latest_checkpoint, list_checkpoints
 from bit_axon.training.collate import iterate_batches
@@ -16,6 +15,7 @@ from bit_axon.training.cooling import ThermalShutdownError
 from bit_axon.training.losses import gather_targets, sft_loss, target_loss
 from bit_axon.training.scheduler import cosine_with_warmup
 from bit_axon.training.trainer import NonFiniteLossError, Trainer
+from toy import EOS, PAD, config, copy_task, tiny_model, trainer_kwargs
 
 
 def test_schedule_warmup_then_cosine_to_zero():
