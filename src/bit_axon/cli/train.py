@@ -47,11 +47,12 @@ def build_model(model_weights: Path | None, config_small: bool, config, seed: in
         model = BitAxonModel(BitAxonConfig.small())
         mx.eval(model.parameters())
         # A fresh model has no directory of its own: keep one so the adapter can be run and merged.
+        # Every rank of a data-parallel run builds the same weights from the seed; rank 0 saves them.
         base_dir = Path(config.output_dir) / BASE_MODEL_DIR
-        if not (base_dir / "config.json").exists():
-            save_model(model, base_dir)
-        else:
+        if (base_dir / "config.json").exists():
             model = load_model(base_dir)
+        elif mx.distributed.init().rank() == 0:
+            save_model(model, base_dir)
     else:
         if model_weights is None:
             raise typer.BadParameter("--model-weights is required (or pass --config-small)", param_hint="--model-weights")
@@ -163,12 +164,15 @@ def train(
     config_small: bool = typer.Option(False, "--config-small", help="Use small model for testing."),
 ) -> None:
     """Fine-tune with 4-bit frozen base weights and LoRA/DoRA adapters (SFT or ORPO)."""
+    import mlx.core as mx
+
     from bit_axon.training.config import TrainingConfig
     from bit_axon.training.cooling import ThermalShutdownError
     from bit_axon.training.data import DatasetError, detect_format
     from bit_axon.training.trainer import NonFiniteLossError
 
-    console = Console()
+    # Under mlx.launch every rank runs this command; only rank 0 talks.
+    console = Console(quiet=mx.distributed.init().rank() != 0)
     try:
         if not data.exists():
             raise FileNotFoundError(f"Training data not found: {data}")

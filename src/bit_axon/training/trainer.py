@@ -1,8 +1,14 @@
 """Trainer: the SFT loop, and the machinery ORPOTrainer shares (accumulation, clipping, schedule,
-checkpoints with exact resume, signal handling, thermal hooks, progress and metrics).
+checkpoints with exact resume, signal handling, thermal hooks, progress and metrics, data
+parallelism across processes).
 
 Subclasses change *what* a batch is and how it is scored by overriding ``batches``,
 ``loss_terms``, ``batch_tokens`` and ``progress_fields``; everything else is common.
+
+Under ``mlx.launch`` each process (rank) trains on its own shard of the batches and the ranks sum
+their gradients and token counts before every update (see ``distributed``), so W processes with
+batch size B follow the run of one process with batch size W * B. Only rank 0 reads checkpoints,
+writes files and prints.
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ import threading
 import time
 from collections.abc import Iterator
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -37,6 +44,7 @@ from bit_axon.training.checkpoint import (
 from bit_axon.training.collate import iterate_batches
 from bit_axon.training.config import TrainingConfig
 from bit_axon.training.cooling import ThermalShutdownError
+from bit_axon.training.distributed import all_sum_tree, broadcast_tree, check_same, gather_rows, shard
 from bit_axon.training.losses import TargetBatch, gather_targets, target_loss
 from bit_axon.training.packing import EOS_TOKEN_ID, PAD_TOKEN_ID
 
@@ -70,8 +78,11 @@ class Trainer:
         self.dataset = dataset
         self.val_dataset = val_dataset
         self.cooling = cooling_scheduler
-        self.console = console or Console()
-        self.show_progress = show_progress
+        # One process per rank under mlx.launch; a plain run is a group of one that never communicates.
+        self.group = mx.distributed.init()
+        self.rank, self.world_size = self.group.rank(), self.group.size()
+        self.console = (console or Console()) if self.is_main else Console(quiet=True)
+        self.show_progress = show_progress and self.is_main
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.output_dir = Path(config.output_dir)
@@ -84,6 +95,11 @@ class Trainer:
         self._stop_requested = False
         if hasattr(model, "set_recompute"):
             model.set_recompute(config.grad_checkpoint)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that reads and writes files and reports progress."""
+        return self.rank == 0
 
     # ---- what subclasses override -------------------------------------------------------------
     def schedule(self):
@@ -139,7 +155,7 @@ class Trainer:
         tokens = 0
         for _ in range(self.config.grad_accum_steps):
             batch = next(data)
-            self.batches_consumed += 1
+            self.batches_consumed += self.world_size  # a global position: every rank took one batch
             self._batch_type = type(batch)
             ls, w, metrics, grads = grad_step(*batch)
             totals = grads if totals is None else tree_map(mx.add, totals, grads)
@@ -149,6 +165,13 @@ class Trainer:
                 metric_sums[k] = metric_sums.get(k, 0.0) + v
             mx.eval(totals, loss_sum, weight, metric_sums)
             tokens += self.batch_tokens(batch)
+        if self.world_size > 1:
+            # Sum over all ranks *before* normalising and clipping, so the update is the one for
+            # the whole global batch, and identical on every rank.
+            reduced = all_sum_tree((totals, loss_sum, weight, metric_sums, mx.array(tokens)), self.group)
+            mx.eval(reduced)
+            totals, loss_sum, weight, metric_sums, global_tokens = reduced
+            tokens = int(global_tokens.item())
         return totals, loss_sum, weight, metric_sums, tokens
 
     def _apply(self, grads, loss_sum: mx.array, weight: mx.array) -> tuple[float, float, bool]:
@@ -167,20 +190,39 @@ class Trainer:
         return loss, norm_value, True
 
     def evaluate(self, dataset=None) -> dict[str, float]:
-        """Token-weighted loss and perplexity over a validation set."""
+        """Token-weighted loss and perplexity over a validation set; ranks share its batches."""
         dataset = dataset if dataset is not None else self.val_dataset
         self.model.eval()
         loss_sum = weight = 0.0
         metric_sums: dict[str, float] = {}
-        for i, batch in enumerate(self.batches(dataset, loop=False)):
-            if self.config.max_eval_batches is not None and i >= self.config.max_eval_batches:
-                break
+
+        def add(batch, scale: float = 1.0) -> None:
+            nonlocal loss_sum, weight
             ls, w, metrics = self.loss_terms(self.model, batch)
             mx.eval(ls, w, metrics)
-            loss_sum += ls.item()
-            weight += w.item()
+            loss_sum += scale * ls.item()
+            weight += scale * w.item()
             for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + v.item()
+                metric_sums[k] = metric_sums.get(k, 0.0) + scale * v.item()
+
+        batches = self.batches(dataset, loop=False)
+        if self.config.max_eval_batches is not None:
+            batches = islice(batches, self.config.max_eval_batches)
+        first = None
+        evaluated = 0
+        for i, batch in enumerate(batches):
+            first = batch if first is None else first
+            if i % self.world_size == self.rank:
+                add(batch)
+                evaluated += 1
+        if self.world_size > 1:
+            if not evaluated and first is not None:
+                # Fewer batches than ranks: score one anyway, weighted 0, so this rank sends the
+                # same metric names to the sum as the others.
+                add(first, scale=0.0)
+            sums = all_sum_tree((mx.array(loss_sum), mx.array(weight), tree_map(mx.array, metric_sums)), self.group)
+            loss_sum, weight = sums[0].item(), sums[1].item()
+            metric_sums = {k: v.item() for k, v in sums[2].items()}
         self.model.train()
         if weight == 0:
             return {}
@@ -190,6 +232,7 @@ class Trainer:
         return out
 
     def _resume(self) -> None:
+        """Load the latest checkpoint (rank 0 only: the others receive it in ``_sync_from_rank0``)."""
         latest = get_latest_checkpoint(self.output_dir)
         if latest is None:
             self.console.print(f"No checkpoint in {self.output_dir}; starting from step 0.")
@@ -201,6 +244,16 @@ class Trainer:
         self.tokens_seen = state.get("tokens_seen", 0)
         if self.cooling is not None and "total_pause_time" in state:
             self.cooling.restore_totals(state)
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            # batches_consumed counts global batches, so the data position carries over exactly;
+            # only the number of rows per step changes.
+            self.console.print(
+                f"[yellow]{latest} was written by {saved_world} process(es), this run has {self.world_size}: "
+                f"continuing from the same data position, but each step now takes {self.world_size} x "
+                f"{self.config.grad_accum_steps} batches of {self.config.batch_size} instead of {saved_world} x "
+                f"{self.config.grad_accum_steps}.[/yellow]"
+            )
         metrics_file = self.output_dir / METRICS_FILE
         if metrics_file.exists():
             self.history = [
@@ -209,13 +262,60 @@ class Trainer:
             self._write_metrics_file()
         self.console.print(f"Resumed from {latest} (step {self.step}).")
 
-    def _checkpoint(self, loss: float) -> Path:
+    def _sync_from_rank0(self) -> None:
+        """Start every rank from rank 0's state: its checkpoint, or its fresh adapters.
+
+        Rank 0 alone reads checkpoint files, so a second machine needs no copy of them; and the
+        adapters' random initialisation need not be seeded alike on every machine.
+        """
+        c = self.config
+        check_same({
+            "training examples": len(self.dataset),
+            "validation examples": len(self.val_dataset) if self.val_dataset is not None else 0,
+            "batch size": c.batch_size,
+            "gradient accumulation steps": c.grad_accum_steps,
+            "max steps": c.max_steps,
+            "max sequence length": c.max_seq_len,
+            "seed": c.seed,
+            "trainable parameters": sum(v.size for _, v in tree_flatten(self.model.trainable_parameters())),
+        }, self.group)
+        counters = mx.array([self.step, self.batches_consumed, self.nonfinite_steps, self.tokens_seen], dtype=mx.int64)
+        state = broadcast_tree(
+            {"adapters": self.model.trainable_parameters(), "optimizer": self.optimizer.state, "counters": counters},
+            self.group,
+        )
+        self.model.update(state["adapters"])
+        self.optimizer.state = state["optimizer"]
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        self.step, self.batches_consumed, self.nonfinite_steps, self.tokens_seen = state["counters"].tolist()
+
+    def _agree_to_stop(
+        self, stop: bool, hot: ThermalShutdownError | None
+    ) -> tuple[bool, ThermalShutdownError | None]:
+        """Every rank's stop request and thermal stop, so that all ranks stop before the same step.
+
+        A rank that left the loop alone would leave the others waiting in the next gradient sum.
+        """
+        rows = gather_rows(
+            [float(stop), float(hot is not None), hot.temperature if hot else 0.0, hot.stop_temp if hot else 0.0],
+            self.group,
+        )
+        if hot is None:
+            hottest = max(rows, key=lambda row: (row[1], row[2]))
+            if hottest[1]:
+                hot = ThermalShutdownError(hottest[2], hottest[3], self.step + 1)
+        return any(row[0] for row in rows), hot
+
+    def _checkpoint(self, loss: float) -> Path | None:
+        if not self.is_main:
+            return None
         extra = {
             "batches_consumed": self.batches_consumed,
             "nonfinite_steps": self.nonfinite_steps,
             "tokens_seen": self.tokens_seen,
             "max_steps": self.config.max_steps,
             "learning_rate": float(self.optimizer.learning_rate.item()),
+            "world_size": self.world_size,
         }
         if self.cooling is not None:
             extra.update(self.cooling.status())
@@ -226,6 +326,8 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
+        if not self.is_main:
+            return
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -235,6 +337,8 @@ class Trainer:
         atomic_write_text(self.output_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def plot_losses(self) -> Path | None:
+        if not self.is_main:
+            return None
         import matplotlib
 
         matplotlib.use("Agg")
@@ -280,17 +384,19 @@ class Trainer:
 
     def train(self, resume: bool = False) -> dict[str, Any]:
         c = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         mx.random.seed(c.seed)
         self.optimizer.init(self.model.trainable_parameters())
-        if resume:
-            self._resume()
-        elif (self.output_dir / METRICS_FILE).exists():
-            (self.output_dir / METRICS_FILE).unlink()
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                self._resume()
+            elif (self.output_dir / METRICS_FILE).exists():
+                (self.output_dir / METRICS_FILE).unlink()
+        if self.world_size > 1:
+            self._sync_from_rank0()
         self.model.train()
-        data = self.batches(self.dataset, loop=True)
-        for _ in range(self.batches_consumed):  # data position of the resumed run
-            next(data)
+        # This rank's batches, from the data position of a resumed run on.
+        data = shard(self.batches(self.dataset, loop=True), self.rank, self.world_size, start=self.batches_consumed)
         grad_step = self._build_step()
         previous_handlers = self._install_signal_handlers()
         mx.reset_peak_memory()
@@ -306,19 +412,31 @@ class Trainer:
         try:
             with progress:
                 task = progress.add_task("train", total=c.max_steps, completed=self.step, info="")
-                while self.step < c.max_steps and not self._stop_requested:
-                    if self.cooling is not None:
+                while self.step < c.max_steps:
+                    # The flag as it stands before the thermal check: a signal arriving during the
+                    # check (or a pause) lets this step run, like one arriving during the step.
+                    stop = self._stop_requested
+                    hot = None
+                    if self.cooling is not None and not stop:
                         try:
                             self.cooling.check_before_step(self.step + 1)
-                        except ThermalShutdownError:
-                            if self.step > last_saved:
-                                path = self._checkpoint(result["loss"])
-                                self.console.print(f"[red]Thermal stop: checkpoint saved to {path}[/red]")
-                            raise
+                        except ThermalShutdownError as err:
+                            hot = err
+                    if self.world_size > 1:
+                        stop, hot = self._agree_to_stop(stop, hot)
+                    if hot is not None:
+                        if self.step > last_saved:
+                            path = self._checkpoint(result["loss"])
+                            self.console.print(f"[red]Thermal stop: checkpoint saved to {path}[/red]")
+                        raise hot
+                    if stop:
+                        self._stop_requested = True
+                        break
                     t0 = time.perf_counter()
                     # Random draws (adapter dropout) are seeded per step, so a resumed run repeats
-                    # exactly the draws the uninterrupted run makes without storing RNG state.
-                    mx.random.seed(c.seed * 1_000_003 + self.step)
+                    # exactly the draws the uninterrupted run makes without storing RNG state; each
+                    # rank draws its own masks for its own rows (rank 0 keeps the one-process seeds).
+                    mx.random.seed(c.seed * 1_000_003 + self.step + (self.rank << 32))
                     grads, loss_sum, weight, metric_sums, tokens = self._accumulate(grad_step, data)
                     lr = float(self.optimizer.learning_rate.item())
                     loss, grad_norm, applied = self._apply(grads, loss_sum, weight)
@@ -374,7 +492,8 @@ class Trainer:
                 "Run the same command with --resume to continue.[/yellow]"
             )
         adapter_path = self.output_dir / FINAL_ADAPTER
-        save_adapter_only(self.model, adapter_path)
+        if self.is_main:
+            save_adapter_only(self.model, adapter_path)
         self.plot_losses()
         elapsed = time.perf_counter() - start_time
         result.update(
