@@ -74,3 +74,33 @@ def preference_task(n: int, seed: int = 0):
             prompt + chosen, [0] * k + [1] * len(chosen), prompt + rejected, [0] * k + [1] * len(rejected)
         ))
     return pairs
+
+
+class SignalAt:
+    """A cooling-scheduler stand-in that sends this process SIGINT before a given step (a Ctrl-C)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def check_before_step(self, step: int) -> None:
+        if step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def after_step(self, seconds: float) -> float:
+        return 0.0
+
+    def status(self) -> dict:
+        return {}
+
+
+class HotAt(SignalAt):
+    """A cooling-scheduler stand-in that reaches the critical temperature before a given step."""
+
+    def check_before_step(self, step: int) -> None:
+        if step == self.step:
+            from bit_axon.training.cooling import ThermalShutdownError
+
+            raise ThermalShutdownError(97.0, 95.0, step)

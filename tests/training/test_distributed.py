@@ -25,7 +25,7 @@ from bit_axon.training.cooling import ThermalShutdownError
 from bit_axon.training.distributed import all_sum_tree, broadcast_tree, check_same, gather_rows, shard
 from bit_axon.training.orpo_trainer import ORPOTrainer
 from bit_axon.training.trainer import Trainer
-from toy import EOS, PAD, config, copy_task, preference_task, tiny_model, trainer_kwargs
+from toy import EOS, PAD, HotAt, SignalAt, config, copy_task, preference_task, tiny_model, trainer_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
 MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -120,29 +120,6 @@ def _orpo(out: Path, batch_size: int) -> ORPOTrainer:
                        preference_task(*PAIRS), **trainer_kwargs())
 
 
-class _SignalAt:
-    """Cooling stand-in: sends this process SIGINT before a step (Ctrl-C on one machine only)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def check_before_step(self, step):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def after_step(self, seconds):
-        return 0.0
-
-    def status(self):
-        return {}
-
-
-class _HotAt(_SignalAt):
-    def check_before_step(self, step):
-        if step == self.step:
-            raise ThermalShutdownError(97.0, 95.0, step)
-
-
 def worker(root: Path) -> None:
     """One rank of the launched run; writes what the test checks to root/rank{r}.json only."""
     rank = mx.distributed.init().rank()
@@ -153,7 +130,7 @@ def worker(root: Path) -> None:
     out.mkdir(exist_ok=True)
 
     # Ctrl-C on rank 1 only, before step 3: both ranks must finish step 3 and stop.
-    first = Trainer(tiny_model(), _config(out, 1), data, val, cooling_scheduler=_SignalAt(3) if rank == 1 else None,
+    first = Trainer(tiny_model(), _config(out, 1), data, val, cooling_scheduler=SignalAt(3) if rank == 1 else None,
                     **trainer_kwargs()).train()
     report["interrupted"] = {"step": first["step"], "interrupted": first["interrupted"]}
     # Resume with adapters unlike the checkpoint's: every rank must get rank 0's checkpoint.
@@ -167,7 +144,7 @@ def worker(root: Path) -> None:
     _orpo(out, 1).train()  # preference pairs: metrics other than the loss go through the sums too
 
     try:  # too hot on rank 1 only, before step 2: both ranks stop, rank 0 saves step 1
-        Trainer(tiny_model(), _config(out / "hot", 1), data, cooling_scheduler=_HotAt(2) if rank == 1 else None,
+        Trainer(tiny_model(), _config(out / "hot", 1), data, cooling_scheduler=HotAt(2) if rank == 1 else None,
                 **trainer_kwargs()).train()
         report["thermal"] = "no error"
     except ThermalShutdownError as err:

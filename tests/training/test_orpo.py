@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 from bit_axon.training.collate import IGNORE_INDEX, iterate_orpo_batches
 from bit_axon.training.orpo_loss import compute_orpo_loss, get_logps, log1mexp, orpo_loss
 from bit_axon.training.orpo_trainer import ORPOTrainer
-from toy import PAD, config, preference_task, tiny_model, trainer_kwargs
+from toy import PAD, SignalAt, config, preference_task, tiny_model, trainer_kwargs
 
 
 def reference_penalty(chosen, rejected, beta):
@@ -103,11 +103,8 @@ def test_orpo_resume_matches_uninterrupted(tmp_path):
     ORPOTrainer(full, config(tmp_path / "a", **cfg), data, **trainer_kwargs()).train()
     first = tiny_model()
     # Stop after step 2 (as Ctrl-C would), then resume to 4.
-    stopped = ORPOTrainer(first, config(tmp_path / "b", save_every=2, **cfg), data, **trainer_kwargs())
-    stopped.cooling = type("Stop", (), {
-        "check_before_step": lambda self, step: setattr(stopped, "_stop_requested", step == 2),
-        "after_step": lambda self, s: 0.0, "status": lambda self: {},
-    })()
+    stopped = ORPOTrainer(first, config(tmp_path / "b", save_every=2, **cfg), data, cooling_scheduler=SignalAt(2),
+                          **trainer_kwargs())
     assert stopped.train()["step"] == 2
     resumed = tiny_model()
     result = ORPOTrainer(resumed, config(tmp_path / "b", **cfg), data, **trainer_kwargs()).train(resume=True)

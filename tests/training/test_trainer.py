@@ -1,6 +1,4 @@
 import json
-import os
-import signal
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,7 +13,7 @@ from bit_axon.training.cooling import ThermalShutdownError
 from bit_axon.training.losses import gather_targets, sft_loss, target_loss
 from bit_axon.training.scheduler import cosine_with_warmup
 from bit_axon.training.trainer import NonFiniteLossError, Trainer
-from toy import EOS, PAD, config, copy_task, tiny_model, trainer_kwargs
+from toy import EOS, PAD, HotAt, SignalAt, config, copy_task, tiny_model, trainer_kwargs
 
 
 def test_schedule_warmup_then_cosine_to_zero():
@@ -122,23 +120,6 @@ def test_outputs_metrics_plot_and_final_adapter(tmp_path):
     assert {"step", "loss", "grad_norm", "val_loss", "tokens_per_sec", "peak_memory_gb"} <= set(result)
 
 
-class _StopAt:
-    """A cooling-scheduler stand-in that sends the process SIGINT before a given step."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def check_before_step(self, step):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def after_step(self, seconds):
-        return 0.0
-
-    def status(self):
-        return {}
-
-
 def _adapters(model):
     return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
 
@@ -153,7 +134,7 @@ def test_ctrl_c_then_resume_reaches_the_uninterrupted_weights(tmp_path):
     Trainer(full, config(tmp_path / "a", max_steps=6), data, **trainer_kwargs()).train()
 
     first = tiny_model(dropout=DROPOUT)
-    result = Trainer(first, config(tmp_path / "b", max_steps=6), data, cooling_scheduler=_StopAt(4),
+    result = Trainer(first, config(tmp_path / "b", max_steps=6), data, cooling_scheduler=SignalAt(4),
                      **trainer_kwargs()).train()
     assert result["interrupted"] and result["step"] == 4  # the step in flight finished
     assert get_latest_checkpoint(tmp_path / "b" / "run").name == "step_00000004"
@@ -198,26 +179,11 @@ def test_non_finite_loss_is_skipped_counted_and_then_stops(tmp_path, caplog):
         trainer.train()
 
 
-class _HotAt:
-    def __init__(self, step):
-        self.step = step
-
-    def check_before_step(self, step):
-        if step == self.step:
-            raise ThermalShutdownError(96.0, 95.0, step)
-
-    def after_step(self, seconds):
-        return 0.0
-
-    def status(self):
-        return {"total_pause_time": 0.0}
-
-
 def test_thermal_stop_saves_a_checkpoint_that_resumes(tmp_path):
     data = copy_task(30)
     cfg = config(tmp_path, max_steps=5, save_every=100)
     with pytest.raises(ThermalShutdownError):
-        Trainer(tiny_model(), cfg, data, cooling_scheduler=_HotAt(4), **trainer_kwargs()).train()
+        Trainer(tiny_model(), cfg, data, cooling_scheduler=HotAt(4), **trainer_kwargs()).train()
     latest = get_latest_checkpoint(tmp_path / "run")
     assert latest is not None and latest.name == "step_00000003"
     result = Trainer(tiny_model(), cfg, data, **trainer_kwargs()).train(resume=True)
