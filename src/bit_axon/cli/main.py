@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import typer
 
+from bit_axon.cli.demo import demo
+from bit_axon.cli.download import download
+from bit_axon.cli.evaluate import evaluate
 from bit_axon.cli.merge import merge
+from bit_axon.cli.port import port_weights
 from bit_axon.cli.prepare import prepare
 from bit_axon.cli.quantize import quantize
+from bit_axon.cli.run import run
+from bit_axon.cli.train import train
 
 app = typer.Typer(
     name="bit-axon",
@@ -17,36 +23,36 @@ app = typer.Typer(
 
 
 @app.callback()
-def main() -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs.")) -> None:
     """Fine-tune the Bit-Axon language model on your own machine."""
+    import logging
 
+    from rich.logging import RichHandler
 
-@app.command()
-def demo() -> None:
-    """Build the small model and run a forward pass (becomes a training demo with the trainer)."""
-    import time
-
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    from bit_axon import BitAxonConfig, BitAxonModel
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False)],
+        force=True,
+    )
+    # Keep third-party debug chatter out of --verbose; it is about bit_axon.
+    for name in ("matplotlib", "PIL", "urllib3", "httpx", "filelock", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     from bit_axon.blas import blas_in_use
 
-    config = BitAxonConfig.small()
-    model = BitAxonModel(config)
-    mx.eval(model.parameters())
-    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    ids = mx.random.randint(0, config.vocab_size, (1, 128))
-    start = time.perf_counter()
-    logits, _ = model(ids)
-    mx.eval(logits)
-    typer.echo(f"BLAS: {blas_in_use()}")
-    typer.echo(f"small model: {n_params:,} parameters; logits {tuple(logits.shape)} in {time.perf_counter() - start:.2f}s")
+    # The preload ran at import, before logging was configured: say it again now.
+    logging.getLogger("bit_axon.blas").debug("BLAS in use: %s", blas_in_use())
 
 
+app.command("demo")(demo)
 app.command("prepare")(prepare)
 app.command("quantize")(quantize)
 app.command("merge")(merge)
+app.command("train")(train)
+app.command("run")(run)
+app.command("evaluate")(evaluate)
+app.command("port-weights")(port_weights)
+app.command("download")(download)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,42 @@
+"""``bit-axon evaluate``: loss and perplexity of a model (plus optional adapter) on a data file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from bit_axon.cli.run import load_model_and_tokenizer
+from bit_axon.inference import evaluate_model
+from bit_axon.tokenizer import DEFAULT_TOKENIZER
+from bit_axon.training.data import load_dataset_file
+
+
+def evaluate(
+    model_path: Path = typer.Argument(..., help="Model directory (float or quantized)."),
+    data: Path = typer.Option(..., "--data", help="JSONL file: chat messages, Alpaca or ORPO preference pairs."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="LoRA/DoRA adapter file, applied without merging."),
+    tokenizer: str = typer.Option(DEFAULT_TOKENIZER, "--tokenizer", "-t", help="Tokenizer id, directory or file."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Packed rows per forward pass."),
+    seq_length: int = typer.Option(2048, "--seq-length", help="Tokens per packed row (longer examples are cut)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Stop after this many target tokens."),
+) -> None:
+    """Token-weighted loss and perplexity on the target tokens of a data file.
+
+    Targets are what training learns: assistant replies and their closing <|im_end|> (for ORPO
+    files, the chosen responses). Prints ``loss``, ``perplexity`` and the number of target tokens.
+    """
+    console = Console(stderr=True)
+    try:
+        model, tok = load_model_and_tokenizer(model_path, adapter, tokenizer, config_small=False)
+        dataset = load_dataset_file(data, tok, max_seq_len=seq_length)
+        with console.status(f"Evaluating on {data}"):
+            result = evaluate_model(
+                model, dataset, batch_size, seq_length, max_tokens=max_tokens,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            )
+    except (ValueError, OSError) as err:  # DatasetError is a ValueError, TokenizerLoadError an OSError
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  tokens {result['tokens']}")

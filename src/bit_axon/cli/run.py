@@ -1,0 +1,143 @@
+"""``bit-axon run``: generate from a prompt, or chat, with a model directory and an optional adapter."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from bit_axon.inference import ChatSession, GenerationChunk, Sampler, load_for_inference, stream_generate
+from bit_axon.model import BitAxonModel
+from bit_axon.tokenizer import DEFAULT_TOKENIZER, QwenTokenizerWrapper
+
+EXIT_COMMANDS = ("/exit", "/quit")
+
+
+def load_model_and_tokenizer(
+    model: Path | None, adapter: Path | None, tokenizer: str, config_small: bool
+) -> tuple[BitAxonModel, QwenTokenizerWrapper]:
+    """Shared by ``run`` and ``evaluate``; raises ``ValueError``/``OSError`` with a one-line message."""
+    if config_small and model is not None:
+        raise ValueError("pass --model or --config-small, not both")
+    if not config_small and model is None:
+        raise ValueError("no model: pass --model DIR (or --config-small for a random smoke-test model)")
+    tok = QwenTokenizerWrapper(tokenizer)
+    loaded = load_for_inference(model, adapter, config_small=config_small)
+    if tok.vocab_size > loaded.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary has only "
+            f"{loaded.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)"
+        )
+    return loaded, tok
+
+
+def _read_prompt(prompt: str | None) -> str:
+    if prompt is not None:
+        return prompt
+    if sys.stdin.isatty():
+        raise ValueError("no prompt: give PROMPT, pipe one on stdin, or use --chat")
+    text = sys.stdin.read()
+    if not text.strip():
+        raise ValueError("the prompt read from stdin is empty")
+    return text
+
+
+def _show(chunks, stream: bool, console: Console) -> GenerationChunk:
+    """Print the generated text (as it comes, or at the end) and the speed; return the last chunk."""
+    parts = []
+    for chunk in chunks:
+        if stream:
+            typer.echo(chunk.text, nl=False)
+        else:
+            parts.append(chunk.text)
+    if not stream:
+        typer.echo("".join(parts), nl=False)
+    typer.echo()
+    if chunk.stats is not None:
+        console.print(chunk.stats.summary(), style="dim", highlight=False)
+    return chunk
+
+
+def run(
+    prompt: str | None = typer.Argument(None, help="Prompt text; read from stdin when omitted and stdin is piped."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Model directory (float or quantized)."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="LoRA/DoRA adapter file, applied without merging."),
+    tokenizer: str = typer.Option(DEFAULT_TOKENIZER, "--tokenizer", "-t", help="Tokenizer id, directory or file."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate per reply."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling probability mass (1: off)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
+    chat: bool = typer.Option(
+        False, "--chat", "-c", help="Interactive multi-turn chat (/exit or EOF ends, /reset clears)."
+    ),
+    system: str | None = typer.Option(None, "--system", help="System message put before the conversation."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as-is, without the chat template."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Print the reply when it is complete."),
+    config_small: bool = typer.Option(
+        False, "--config-small", help="A fresh small model with random weights (smoke test)."
+    ),
+) -> None:
+    """Generate text with a Bit-Axon model.
+
+    The prompt is wrapped in the Qwen2.5 chat template as a user turn with the assistant header
+    after it (``--raw`` sends it as-is). Generation stops at <|im_end|>, <|endoftext|> or
+    --max-tokens. Prompt and generation speed go to stderr.
+    """
+    console = Console(stderr=True)
+    try:
+        if raw and (chat or system is not None):
+            raise ValueError("--raw sends one prompt as-is; it cannot be combined with --chat or --system")
+        if max_tokens < 1:
+            raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
+        Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=0)  # reject bad settings before loading
+        text = None if chat else _read_prompt(prompt)
+        loaded, tok = load_model_and_tokenizer(model, adapter, tokenizer, config_small)
+    except (ValueError, OSError) as err:  # TokenizerLoadError and FileNotFoundError are OSErrors
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    try:
+        if chat:
+            _chat(ChatSession(loaded, tok, system=system), prompt, seed, sampling, not no_stream, console)
+            return
+        if raw:
+            ids = tok.encode(text)
+        else:
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            ids = tok.apply_chat_template([*messages, {"role": "user", "content": text}], add_generation_prompt=True)
+        _show(stream_generate(loaded, tok, ids, seed=seed, **sampling), not no_stream, console)
+    except KeyboardInterrupt:
+        typer.echo()
+        raise typer.Exit(130) from None
+
+
+def _chat(session: ChatSession, first: str | None, seed: int | None, sampling: dict, stream: bool, console: Console):
+    interactive = sys.stdin.isatty()
+    if interactive:
+        console.print("Chat: /exit or Ctrl-D ends, /reset starts over.", style="dim")
+    turn = 0
+    while True:
+        if first is not None:
+            message, first = first, None
+        else:
+            if interactive:
+                console.print(">>> ", end="")
+            line = sys.stdin.readline()
+            if not line:  # EOF
+                break
+            message = line.rstrip("\n")
+        if message.strip() in EXIT_COMMANDS:
+            break
+        if message.strip() == "/reset":
+            session.reset()
+            continue
+        if not message.strip():
+            continue
+        # A different seed per turn, so a repeated question need not get the same answer.
+        turn_seed = None if seed is None else seed + turn
+        _show(session.send(message, seed=turn_seed, **sampling), stream, console)
+        turn += 1
