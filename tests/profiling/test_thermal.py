@@ -371,9 +371,11 @@ def wait_for(condition, timeout=2.0):
 
 
 def test_monitor_polls_in_background_and_records_history():
+    slow = FakeSensor([40.0, 41.0])
+    with ThermalMonitor(poll_interval=60.0, source=slow) as monitor:
+        assert monitor.temperature == 40.0  # start() reads synchronously, before the thread's first wait
     sensor = FakeSensor([50.0, 51.0, 52.0, 53.0])
     with ThermalMonitor(poll_interval=0.001, source=sensor, history_size=3) as monitor:
-        assert monitor.temperature == 50.0  # start() reads synchronously
         wait_for(lambda: monitor.temperature == 53.0)
         assert monitor.running
         history = monitor.history
