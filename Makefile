@@ -25,6 +25,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/ssm_scan.py
+	$(PY) bench/quant_matmul.py
+	$(PY) bench/train_throughput.py --rounds 2
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache .ruff_cache

@@ -31,6 +31,58 @@ class SwitchLinear(nn.Module):
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
 
+# Rows per expert block in the CPU layout: enough for BLAS to run well, few enough that padding each
+# expert's rows up to a whole block wastes little (at most num_experts * (BLOCK - 1) rows). 16 was as
+# fast as 32 from 1024 (token, expert) pairs on and faster below (bench/quant_matmul.py shapes).
+EXPERT_BLOCK = 16
+
+
+def expert_blocks(num_pairs: int, num_experts: int) -> int:
+    """Rows per block for the blocked expert layout, or 0 for one gathered matmul row per pair.
+
+    MLX's CPU ``gather_mm`` runs one small matmul per batch entry (~2-4 GFLOP/s with one row each);
+    grouping each expert's rows into blocks of ``EXPERT_BLOCK`` lets every call be a real BLAS
+    matmul (several times faster from ~128 tokens, see bench/README.md). GPUs keep the row layout
+    and their sorted gather kernels; so do inputs with fewer pairs than one block per expert
+    (decoding), where padding would dominate. ``BIT_AXON_CPU_DEQUANT=0`` turns it off with the
+    other CPU fast paths.
+    """
+    # Imported here: bit_axon.quantization imports this module.
+    from bit_axon.quantization.fast_path import cpu_fast_path
+
+    if num_pairs < num_experts * EXPERT_BLOCK or not cpu_fast_path():
+        return 0
+    return EXPERT_BLOCK
+
+
+def block_layout(flat: mx.array, num_experts: int, block: int) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """Place (token, expert) pairs in expert-contiguous blocks of ``block`` rows (static shapes).
+
+    ``flat`` (P,) is the expert of each pair. Each expert's pairs fill ceil(count / block) blocks,
+    the last one zero-padded; the number of blocks is bounded by ceil((P + X (block - 1)) / block),
+    so shapes depend on P only and the layout compiles. Returns ``slot`` (P,) the row of each pair,
+    ``source`` (S,) the pair in each row, ``filled`` (S,) whether a row holds a pair, and
+    ``block_expert`` (S / block,) the expert of each block (S = blocks * block).
+    """
+    P = flat.size
+    n_blocks = -(-(P + num_experts * (block - 1)) // block)
+    counts = (flat[:, None] == mx.arange(num_experts)).sum(axis=0)
+    padded = (counts + block - 1) // block * block
+    first_row = mx.cumsum(padded) - padded  # each expert's first row
+    order = mx.argsort(flat)
+    experts = flat[order]
+    rank = mx.arange(P) - (mx.cumsum(counts) - counts)[experts]  # position within its expert
+    slot = mx.zeros((P,), mx.int32).at[order].add((first_row[experts] + rank).astype(mx.int32))
+    rows = n_blocks * block
+    source = mx.zeros((rows,), mx.int32).at[slot].add(mx.arange(P, dtype=mx.int32))
+    filled = mx.zeros((rows,), mx.int32).at[slot].add(1) > 0
+    # Block i belongs to the expert whose row range holds its first row; trailing spare blocks
+    # (all padding) go to the last expert.
+    starts = mx.arange(n_blocks) * block
+    block_expert = mx.minimum(((first_row + padded)[None] <= starts[:, None]).sum(axis=-1), num_experts - 1)
+    return slot, source, filled, block_expert
+
+
 class SwitchGLU(nn.Module):
     def __init__(self, input_dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
@@ -38,18 +90,31 @@ class SwitchGLU(nn.Module):
         self.up_proj = SwitchLinear(input_dims, hidden_dims, num_experts)
         self.down_proj = SwitchLinear(hidden_dims, input_dims, num_experts)
 
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        """x (…, H), indices (…, k) -> (…, k, H)."""
+    def _glu(self, rows: mx.array, experts: mx.array) -> mx.array:
+        h = nn.silu(self.gate_proj(rows, experts, True)) * self.up_proj(rows, experts, True)
+        return self.down_proj(h, experts, True)
+
+    def __call__(self, x: mx.array, indices: mx.array, block: int | None = None) -> mx.array:
+        """x (…, H), indices (…, k) -> (…, k, H).
+
+        ``block`` forces the layout (0: one row per pair; > 0: expert blocks of that many rows);
+        by default :func:`expert_blocks` picks it.
+        """
         lead, k = indices.shape[:-1], indices.shape[-1]
         H = x.shape[-1]
-        # Group the (token, expert) pairs by expert so each expert's rows form one contiguous matmul.
         flat = indices.flatten()
-        order = mx.argsort(flat)
-        inverse = mx.argsort(order)
-        rows = x.reshape(-1, 1, H)[order // k]  # (n*k, 1, H)
-        experts = flat[order]
-        h = nn.silu(self.gate_proj(rows, experts, True)) * self.up_proj(rows, experts, True)
-        out = self.down_proj(h, experts, True)[inverse]
+        x = x.reshape(-1, H)
+        if block is None:
+            block = expert_blocks(flat.size, self.gate_proj.num_experts)
+        if block:
+            slot, source, filled, block_expert = block_layout(flat, self.gate_proj.num_experts, block)
+            rows = (x[source // k] * filled[:, None].astype(x.dtype)).reshape(-1, block, H)
+            out = self._glu(rows, block_expert).reshape(-1, H)[slot]
+        else:
+            # Group the (token, expert) pairs by expert so each expert's rows form one contiguous matmul.
+            order = mx.argsort(flat)
+            inverse = mx.argsort(order)
+            out = self._glu(x[:, None][order // k], flat[order])[inverse]
         return out.reshape(*lead, k, H)
 
 

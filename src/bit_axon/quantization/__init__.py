@@ -23,10 +23,13 @@ bias per group as well (4.5 vs 4.25 bits per weight with float16 constants); on 
 (Student-t, 3 dof) NF4 is 11% lower (0.0149 vs 0.0167), 7% with outlier columns; at equal storage
 (affine group 128) affine's error is 1.2x (Gaussian) to 1.8x (heavy-tailed) NF4's.
 
-Speed depends on the backend: affine uses MLX's fused quantized-matmul kernels (the fast choice on
-Metal and CUDA, and for one-token decoding), NF4 dequantizes and then runs an ordinary matmul. On the
-Linux CPU backend, with a 2048 x 2048 layer, NF4 took 103 ms for 512 tokens against affine's 2.5 s
-(whose CPU kernel does not use BLAS), but 38 ms for one token against 4.6 ms.
+Speed depends on the backend: affine uses MLX's fused quantized-matmul kernels on Metal and CUDA,
+NF4 dequantizes and then runs an ordinary matmul. MLX's CPU quantized kernels do not use BLAS, so on
+the CPU both formats dequantize one layer into a float matmul for inputs of a few rows or more, with
+a backward pass that dequantizes again rather than keeping the float weight
+(:mod:`bit_axon.quantization.fast_path`; ``BIT_AXON_CPU_DEQUANT=0`` restores the native kernels).
+The affine layers are therefore thin subclasses of MLX's (:class:`QuantizedLinear`,
+:class:`QuantizedEmbedding`) with the same parameters and checkpoint layout.
 """
 
 from __future__ import annotations
@@ -39,12 +42,21 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from bit_axon.layers.moe import SwitchLinear
+from bit_axon.quantization.fast_path import (
+    affine_dequantize,
+    affine_dequantizer,
+    affine_gather_matmul,
+    affine_matmul,
+    shared_dense_matmul,
+    wants_dequant,
+)
 from bit_axon.quantization.nf4 import (
     NF4_CODEBOOK,
     NF4Embedding,
     NF4Linear,
     NF4SwitchLinear,
     nf4_dequantize,
+    nf4_matmul,
     nf4_quantize,
 )
 
@@ -64,10 +76,14 @@ __all__ = [
     "NF4Embedding",
     "NF4Linear",
     "NF4SwitchLinear",
+    "QuantizedEmbedding",
+    "QuantizedLinear",
     "QuantizedSwitchLinear",
     "dense_weight",
     "dequantize_model",
     "is_quantized",
+    "linear_matmul",
+    "linear_matmul_and_weight",
     "linear_dims",
     "nf4_dequantize",
     "nf4_quantize",
@@ -75,6 +91,25 @@ __all__ = [
     "quantize_like",
     "quantize_model",
 ]
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` whose matmul takes the CPU fast path (same parameters and layout)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = linear_matmul(self, x)
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """``nn.QuantizedEmbedding`` whose ``as_linear`` (the tied head) takes the CPU fast path."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return affine_matmul(
+            x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits, self.mode
+        )
 
 
 class QuantizedSwitchLinear(nn.Module):
@@ -111,7 +146,7 @@ class QuantizedSwitchLinear(nn.Module):
         return self.weight.shape[0]
 
     def dequantize(self) -> mx.array:
-        return mx.dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        return affine_dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
 
     def _extra_repr(self) -> str:
         return (
@@ -120,16 +155,8 @@ class QuantizedSwitchLinear(nn.Module):
         )
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_qmm(
-            x,
-            self["weight"],
-            self["scales"],
-            self["biases"],
-            rhs_indices=indices,
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            sorted_indices=sorted_indices,
+        return affine_gather_matmul(
+            x, self["weight"], self["scales"], self["biases"], indices, self.group_size, self.bits, sorted_indices
         )
 
 
@@ -164,6 +191,8 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
 def dense_weight(layer: nn.Module) -> mx.array:
     """The float (out, in) weight of a linear layer, dequantized if the layer is quantized."""
     if isinstance(layer, nn.QuantizedLinear):
+        if layer.mode == "affine":
+            return affine_dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
         return mx.dequantize(
             layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, mode=layer.mode
         )
@@ -174,10 +203,50 @@ def dense_weight(layer: nn.Module) -> mx.array:
     raise TypeError(f"Expected nn.Linear, nn.QuantizedLinear or NF4Linear, got {type(layer).__name__}")
 
 
+def linear_matmul(layer: nn.Module, x: mx.array) -> mx.array:
+    """``x @ W.T`` of a linear layer without its bias, computed exactly as the layer computes it.
+
+    :class:`QuantizedLinear` takes the CPU fast path; MLX's own ``nn.QuantizedLinear`` keeps its
+    kernel, so an adapter over either reproduces its base layer bit for bit.
+    """
+    if isinstance(layer, QuantizedLinear):
+        return affine_matmul(
+            x, layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits, layer.mode
+        )
+    if isinstance(layer, nn.QuantizedLinear):
+        return mx.quantized_matmul(
+            x, layer["weight"], layer["scales"], layer.get("biases"), transpose=True,
+            group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+        )
+    if isinstance(layer, NF4Linear):
+        return nf4_matmul(x, layer["weight"], layer["scales"])
+    if isinstance(layer, nn.Linear):
+        return x @ layer["weight"].T
+    raise TypeError(f"Expected nn.Linear, nn.QuantizedLinear or NF4Linear, got {type(layer).__name__}")
+
+
+def linear_matmul_and_weight(layer: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
+    """``linear_matmul(layer, x)`` and the float weight, for forward passes that need both.
+
+    A quantized weight is dequantized once for the two uses (the backward pass of the matmul
+    rebuilds it from the codes, so the float weight is not kept). :class:`QuantizedLinear` does this
+    where the CPU fast path applies; elsewhere affine layers keep their kernel and dequantize again
+    for the weight.
+    """
+    if isinstance(layer, NF4Linear):
+        w = nf4_dequantize(layer["weight"], layer["scales"])
+        return shared_dense_matmul(x, w, nf4_dequantize, layer["weight"], layer["scales"]), w
+    if isinstance(layer, QuantizedLinear) and layer.mode == "affine" and wants_dequant(x):
+        params = (layer["weight"], layer["scales"], layer["biases"])
+        w = affine_dequantize(*params, layer.group_size, layer.bits)
+        return shared_dense_matmul(x, w, affine_dequantizer(layer.group_size, layer.bits), *params), w
+    return linear_matmul(layer, x), dense_weight(layer)
+
+
 def quantize_like(linear: nn.Linear, like: nn.Module) -> nn.Module:
     """Quantize float ``linear`` the way ``like`` is quantized (returned unchanged if ``like`` is float)."""
-    if isinstance(like, nn.QuantizedLinear):
-        return nn.QuantizedLinear.from_linear(linear, like.group_size, like.bits, mode=like.mode)
+    if isinstance(like, nn.QuantizedLinear):  # keeps the class: MLX's own or the fast-path subclass
+        return type(like).from_linear(linear, like.group_size, like.bits, mode=like.mode)
     if isinstance(like, NF4Linear):
         return NF4Linear.from_linear(linear, like.group_size)
     if isinstance(like, nn.Linear):
@@ -220,10 +289,10 @@ def _quantize_module(module: nn.Module, mode: str, bits: int, group_size: int) -
             return NF4SwitchLinear.from_switch_linear(module, group_size)
         return NF4Embedding.from_embedding(module, group_size)
     if isinstance(module, nn.Linear):
-        return nn.QuantizedLinear.from_linear(module, group_size, bits)
+        return QuantizedLinear.from_linear(module, group_size, bits)
     if isinstance(module, SwitchLinear):
         return QuantizedSwitchLinear.from_switch_linear(module, group_size, bits)
-    return nn.QuantizedEmbedding.from_embedding(module, group_size, bits)
+    return QuantizedEmbedding.from_embedding(module, group_size, bits)
 
 
 def quantize_model(

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from bit_axon.layers.moe import SwitchLinear
+from bit_axon.quantization.fast_path import cpu_fast_path, for_backward
 
 # The NF4 data type, exactly as tabulated in the QLoRA paper (Appendix E) and bitsandbytes.
 NF4_CODEBOOK: tuple[float, ...] = (
@@ -49,6 +50,13 @@ _CODES_PER_WORD = 8  # 32-bit words / 4-bit codes
 _SHIFTS = mx.arange(0, 32, 4, dtype=mx.uint32)
 _BYTES = mx.arange(256, dtype=mx.uint32)
 _BYTE_TABLE = mx.stack([_CODEBOOK[_BYTES & 0xF], _CODEBOOK[_BYTES >> 4]], axis=-1)  # (256, 2)
+# The four values of every 16-bit word (65536, 4), 1 MB: on the CPU a lookup per word instead of per
+# byte makes dequantization ~15% faster (gathers cost per index). Built once, here, so that a first
+# use inside mx.compile finds a constant rather than the ops that make it.
+_WORDS = mx.arange(1 << 16, dtype=mx.uint32)
+_WORD_TABLE = mx.stack([_CODEBOOK[(_WORDS >> shift) & 0xF] for shift in (0, 4, 8, 12)], axis=-1)
+mx.eval(_WORD_TABLE)
+del _WORDS
 
 
 def nf4_quantize(w: mx.array, group_size: int = 64) -> tuple[mx.array, mx.array]:
@@ -88,10 +96,15 @@ def nf4_dequantize(packed: mx.array, scales: mx.array) -> mx.array:
     # Read the words as bytes (little-endian, as on every MLX platform: byte k holds codes 2k and
     # 2k + 1) and look each byte up in a 256 x 2 table of value pairs: half the gathers of a per-code
     # lookup and no per-code integer temporaries (~2x faster on CPU than unpacking the codes first).
-    pairs = _BYTE_TABLE.astype(scales.dtype)[mx.view(packed, mx.uint8)]
-    *lead, n_bytes, _ = pairs.shape
-    n_in, n_groups = 2 * n_bytes, scales.shape[-1]
-    values = pairs.reshape(*lead, n_groups, n_in // n_groups)
+    # The CPU fast path reads 16-bit words against the 65536 x 4 table: the same values, a quarter
+    # of the gathers.
+    if cpu_fast_path():
+        looked_up = _WORD_TABLE.astype(scales.dtype)[mx.view(packed, mx.uint16)]
+    else:
+        looked_up = _BYTE_TABLE.astype(scales.dtype)[mx.view(packed, mx.uint8)]
+    *lead, n_lookups, per_lookup = looked_up.shape
+    n_in, n_groups = n_lookups * per_lookup, scales.shape[-1]
+    values = looked_up.reshape(*lead, n_groups, n_in // n_groups)
     return (values * scales[..., None]).reshape(*lead, n_in)
 
 
@@ -113,8 +126,9 @@ def nf4_matmul(x: mx.array, packed: mx.array, scales: mx.array) -> mx.array:
 @nf4_matmul.vjp
 def _nf4_matmul_vjp(primals, cotangent, output):
     x, packed, scales = primals
-    # The weights are frozen: only x gets a gradient, and W is rebuilt rather than kept from forward.
-    w = nf4_dequantize(packed, scales)
+    # The weights are frozen: only x gets a gradient, and W is rebuilt rather than kept from forward
+    # (``for_backward``: also under mx.compile, which would otherwise reuse the forward's W).
+    w = nf4_dequantize(*for_backward(cotangent, packed, scales))
     return (cotangent @ w).astype(x.dtype), mx.zeros_like(packed), mx.zeros_like(scales)
 
 
@@ -128,7 +142,7 @@ def _nf4_gather_matmul(sorted_indices: bool):
     @gather.vjp
     def gather_vjp(primals, cotangent, output):
         x, packed, scales, indices = primals
-        w = nf4_dequantize(packed, scales)
+        w = nf4_dequantize(*for_backward(cotangent, packed, scales))
         dx = mx.gather_mm(cotangent, w, rhs_indices=indices, sorted_indices=sorted_indices)
         return (
             _sum_to_shape(dx, x.shape).astype(x.dtype),
@@ -140,10 +154,35 @@ def _nf4_gather_matmul(sorted_indices: bool):
     return gather
 
 
+@mx.custom_function
+def _nf4_selected_matmul(x, packed, scales, indices):
+    return x @ nf4_dequantize(packed[indices], scales[indices]).swapaxes(-1, -2)
+
+
+@_nf4_selected_matmul.vjp
+def _nf4_selected_matmul_vjp(primals, cotangent, output):
+    x, packed, scales, indices = primals
+    packed, scales = for_backward(cotangent, packed, scales)
+    w = nf4_dequantize(packed[indices], scales[indices])
+    return (
+        (cotangent @ w).astype(x.dtype),
+        mx.zeros_like(packed),
+        mx.zeros_like(scales),
+        mx.zeros_like(indices),
+    )
+
+
 def nf4_gather_matmul(
     x: mx.array, packed: mx.array, scales: mx.array, indices: mx.array, sorted_indices: bool = False
 ) -> mx.array:
-    """``mx.gather_mm`` of x with the stacked NF4 expert weights (X, out, in) chosen by ``indices``."""
+    """``mx.gather_mm`` of x with the stacked NF4 expert weights (X, out, in) chosen by ``indices``.
+
+    Dequantizing is the costly part, so with fewer index entries than experts (decoding: a few
+    tokens, each its own batch entry) only the chosen experts are dequantized, and the matmul
+    is batched over them; otherwise all experts are dequantized once and gathered.
+    """
+    if indices.size < packed.shape[0] and x.shape[:-2] == indices.shape:
+        return _nf4_selected_matmul(x, packed, scales, indices)
     return _nf4_gather_matmul(sorted_indices)(x, packed, scales, indices)
 
 

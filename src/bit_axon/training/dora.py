@@ -14,31 +14,12 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from bit_axon.quantization import NF4Linear, dense_weight, quantize_like
-from bit_axon.quantization.nf4 import nf4_matmul
+from bit_axon.quantization import dense_weight, linear_matmul_and_weight, quantize_like
 from bit_axon.training.lora import LoRALinear
 
 
 def _row_norm_sq(w: mx.array) -> mx.array:
     return (w * w).sum(axis=1)
-
-
-def _matmul(linear: nn.Module, x: mx.array) -> mx.array:
-    """``x @ W.T`` of a linear layer without its bias, in the layer's own (quantized) kernel."""
-    if isinstance(linear, nn.QuantizedLinear):
-        return mx.quantized_matmul(
-            x,
-            linear["weight"],
-            linear["scales"],
-            linear.get("biases"),
-            transpose=True,
-            group_size=linear.group_size,
-            bits=linear.bits,
-            mode=linear.mode,
-        )
-    if isinstance(linear, NF4Linear):
-        return nf4_matmul(x, linear["weight"], linear["scales"])
-    return x @ linear["weight"].T
 
 
 class DoRALinear(LoRALinear):
@@ -54,13 +35,14 @@ class DoRALinear(LoRALinear):
         """Wrap an existing ``nn.Linear``, ``nn.QuantizedLinear`` or ``NF4Linear``, keeping its weights."""
         return cls(linear, r=r, scale=scale, dropout=dropout)
 
-    def adapted_norm(self) -> mx.array:
+    def adapted_norm(self, w: mx.array | None = None) -> mx.array:
         """Row norms of ``W + scale B^T A^T`` (output_dims,), without forming the (out, in) update.
 
         ||W_o + s d_o||^2 = ||W_o||^2 + 2 s (W A)_o . B_o + s^2 B_o^T (A^T A) B_o, where d_o is row o
         of B^T A^T and B_o column o of B: only (out, r) and (r, r) products beyond the ||W_o||^2 sum.
+        ``w`` is the base's float weight when the caller already has it (saves a dequantization).
         """
-        w = dense_weight(self.linear).astype(mx.float32)
+        w = (dense_weight(self.linear) if w is None else w).astype(mx.float32)
         a, b, s = self.lora_a, self.lora_b, self.scale
         cross = ((w @ a) * b.T).sum(axis=1)
         quad = (((a.T @ a) @ b) * b).sum(axis=0)
@@ -79,10 +61,11 @@ class DoRALinear(LoRALinear):
         return quantize_like(fused, self.linear) if requantize else fused
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = _matmul(self.linear, x)
+        # One dequantization of a quantized base serves the matmul and the row norms.
+        y, w = linear_matmul_and_weight(self.linear, x)
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
         out = y + (self.scale * z).astype(y.dtype)
-        norm = mx.stop_gradient(self.adapted_norm())
+        norm = mx.stop_gradient(self.adapted_norm(mx.stop_gradient(w)))
         out = (self.m / norm).astype(out.dtype) * out
         if "bias" in self.linear:
             out = out + self.linear["bias"]

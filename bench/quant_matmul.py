@@ -1,0 +1,139 @@
+"""4-bit matmuls on the CPU: Bit-Axon's fast path against MLX's native kernels, in one run.
+
+For dense layers (``QuantizedLinear``, ``NF4Linear``) and gathered MoE experts (``SwitchGLU`` over
+``QuantizedSwitchLinear`` / ``NF4SwitchLinear``, top-2 routing) at several token counts, the time of
+the forward pass and of forward + input gradient (the training case: base weights are frozen),
+with the fast path on and off (``bit_axon.quantization.fast_path.ENABLED``, what
+``BIT_AXON_CPU_DEQUANT=0`` sets at start-up), and the ratio. Off means MLX's own kernels:
+``quantized_matmul`` / ``gather_qmm`` for affine; for NF4, which has no MLX kernel, the previous
+implementation (dequantize + ``gather_mm`` one row per (token, expert) pair). A float32 matmul of the
+same shape is printed for reference. Times are the best of up to ``--repeats`` runs.
+
+    python bench/quant_matmul.py [--tokens 1 16 128 512] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+# isort: off
+import bit_axon  # noqa: F401  (must load the fast BLAS before mlx is imported)
+
+# isort: on
+import mlx.core as mx
+import mlx.nn as nn
+
+from bit_axon.blas import blas_in_use
+from bit_axon.layers.moe import SwitchGLU
+from bit_axon.quantization import (
+    NF4Linear,
+    NF4SwitchLinear,
+    QuantizedLinear,
+    QuantizedSwitchLinear,
+    fast_path,
+)
+
+
+def best_time(f, repeats: int, budget: float = 3.0) -> float:
+    """Best wall time of ``f`` (evaluated) over up to ``repeats`` runs after a warm-up."""
+    mx.eval(f())
+    best, spent = float("inf"), 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(f())
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+        if spent > budget:
+            break
+    return best
+
+
+def fwd_bwd(f):
+    """Forward and input gradient of ``sum(f(x)^2)``."""
+
+    def run(x):
+        return mx.value_and_grad(lambda x: (f(x) ** 2).sum())(x)
+
+    return run
+
+
+def timed_pair(f, x, repeats: int) -> tuple[float, float, float, float]:
+    """(forward, forward + backward) with the fast path on, then off."""
+    out = []
+    for enabled in (True, False):
+        fast_path.ENABLED = enabled
+        out += [best_time(lambda: f(x), repeats), best_time(lambda: fwd_bwd(f)(x), repeats)]
+    fast_path.ENABLED = True
+    return out[0], out[1], out[2], out[3]
+
+
+def row(label: str, tokens: int, fast: tuple[float, float], native: tuple[float, float], extra: str = "") -> None:
+    ms = [1e3 * t for t in (*fast, *native)]
+    print(
+        f"{label:<26}{tokens:>7}{ms[2]:>11.1f}{ms[0]:>9.1f}{ms[2] / ms[0]:>8.1f}x"
+        f"{ms[3]:>11.1f}{ms[1]:>9.1f}{ms[3] / ms[1]:>8.1f}x  {extra}"
+    )
+
+
+def header(title: str) -> None:
+    print(f"\n{title}")
+    print(
+        f"{'layer':<26}{'tokens':>7}{'native ms':>11}{'fast ms':>9}{'ratio':>9}"
+        f"{'nat. f+b':>11}{'fast f+b':>9}{'ratio':>9}"
+    )
+
+
+def dense(shapes: list[tuple[int, int]], tokens: list[int], repeats: int) -> None:
+    header("Dense 4-bit linear, x (tokens, in) @ W.T (forward; f+b = forward + input gradient)")
+    for out_dims, in_dims in shapes:
+        mx.random.seed(0)
+        linear = nn.Linear(in_dims, out_dims, bias=False)
+        affine = QuantizedLinear.from_linear(linear, group_size=64, bits=4)
+        nf4 = NF4Linear.from_linear(linear, group_size=64)
+        w = linear.weight
+        mx.eval(affine.parameters(), nf4.parameters(), w)
+        for t in tokens:
+            x = mx.random.normal((t, in_dims))
+            a = timed_pair(affine, x, repeats)
+            n = timed_pair(nf4, x, repeats)
+            f32 = best_time(lambda x=x, w=w: x @ w.T, repeats)
+            affine_label = f"affine {out_dims}x{in_dims}"
+            row(affine_label, t, a[:2], a[2:], f"(float32 matmul {1e3 * f32:.1f} ms)")
+            # NF4 has no native kernel: its reference is MLX's affine kernel, the wheel's 4-bit matmul.
+            row(f"nf4 {out_dims}x{in_dims} vs affine", t, n[:2], a[2:])
+
+
+def experts(num_experts: int, hidden: int, inter: int, tokens: list[int], repeats: int) -> None:
+    header(f"Gathered experts: SwitchGLU {num_experts} experts, {hidden} -> {inter} -> {hidden}, top-2")
+    for kind, cls in (("affine", QuantizedSwitchLinear), ("nf4", NF4SwitchLinear)):
+        mx.random.seed(0)
+        glu = SwitchGLU(hidden, inter, num_experts)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            base = getattr(glu, name)
+            layer = (
+                cls.from_switch_linear(base, group_size=64, bits=4) if kind == "affine" else cls.from_switch_linear(base)
+            )
+            setattr(glu, name, layer)
+        mx.eval(glu.parameters())
+        for t in tokens:
+            x = mx.random.normal((t, hidden))
+            indices = mx.random.randint(0, num_experts, (t, 2))
+            r = timed_pair(lambda x, indices=indices, glu=glu: glu(x, indices), x, repeats)
+            row(f"{kind} experts", t, r[:2], r[2:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"BLAS: {blas_in_use()}; device {mx.default_device()}; ratio = native time / fast-path time")
+    # Full-size attention projection (2560 x 2560) and the small config's SSM in_proj (1024 x 256).
+    dense([(2560, 2560), (1024, 256)], args.tokens, args.repeats)
+    # MoE experts at a reduced width (the full config is 8 x 4096 x 2560) to keep the run short.
+    experts(8, 1024, 1024, args.tokens, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Quantized matmuls on MLX's CPU backend: dequantize one layer, then a float matmul (BLAS).
+
+MLX's CPU ``quantized_matmul`` / ``gather_qmm`` kernels do not use BLAS and reach ~2 GFLOP/s,
+while a float32 matmul through the OpenBLAS that ``bit_axon.blas`` preloads reaches ~50-100. For
+inputs of more than a few rows it is therefore much faster to dequantize the layer's weight (a
+fused elementwise pass) and multiply in float. The float weight is a transient of one layer: the
+hand-written backward pass (gradient w.r.t. the input only; base weights are frozen) dequantizes
+again instead of keeping it, so training holds 4.5 bits per base weight, not 32.
+
+Only on the CPU device: Metal and CUDA keep MLX's fused quantized kernels. ``BIT_AXON_CPU_DEQUANT=0``
+(read once, at import) turns the routing off and restores the native kernels everywhere. Results
+match the native kernels to float32 rounding (the same products, summed in another order).
+
+``calls`` counts, per kind, how often a fast path was put in a graph (at trace time: a compiled
+step traces once), for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+
+import mlx.core as mx
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "BIT_AXON_CPU_DEQUANT"
+ENABLED = os.environ.get(ENV_VAR, "1").strip().lower() not in {"0", "off", "false", "no"}
+
+# Below this many input rows the native kernel wins: dequantizing costs about as much as ~3 rows
+# of the native CPU kernel (bench/quant_matmul.py), so one-token decoding stays native.
+MIN_ROWS = 4
+
+calls: Counter[str] = Counter()
+_logged_disabled = False
+
+
+def cpu_fast_path() -> bool:
+    """Whether quantized matmuls built now take the dequantize-then-BLAS route."""
+    global _logged_disabled
+    if mx.default_device() != mx.cpu:
+        return False
+    if not ENABLED and not _logged_disabled:
+        _logged_disabled = True
+        logger.info("%s=0: CPU quantized matmuls use MLX's native kernels (slow for long inputs)", ENV_VAR)
+    return ENABLED
+
+
+def _rows(x: mx.array) -> int:
+    return x.size // x.shape[-1] if x.ndim else 0
+
+
+def for_backward(cotangent: mx.array, *qparams: mx.array) -> list[mx.array]:
+    """``qparams`` as inputs of a backward-pass dequantization: made to depend on ``cotangent``.
+
+    ``mx.compile`` merges identical subgraphs, so a backward ``dequantize(qparams)`` would become
+    the forward's and the float weight of every layer would be kept from the forward to the
+    backward pass (measured: all 32 layers' weights alive in a compiled 32-layer chain). The extra
+    dependency keeps the two apart, and also stops the rebuild from starting before it is needed.
+    """
+    return mx.depends(list(qparams), [cotangent])
+
+
+def wants_dequant(x: mx.array) -> bool:
+    """Route ``x @ W.T`` for a quantized W through dequantize + float matmul (CPU, enough rows)."""
+    return cpu_fast_path() and _rows(x) >= MIN_ROWS
+
+
+# --- affine dequantization ----------------------------------------------------------------------
+
+
+@functools.cache
+def _affine_unpacker(bits: int):
+    per_word = 32 // bits
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    mask = (1 << bits) - 1
+
+    # Compiled, so the shift / mask / convert / scale-and-bias chain is one fused pass (~3x faster
+    # on the CPU than mx.dequantize's kernel), working on (..., groups, words per group, codes per word).
+    @mx.compile
+    def unpack(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        *lead, words = w.shape
+        groups = scales.shape[-1]
+        codes = (w.reshape(*lead, groups, words // groups, 1) >> shifts) & mask
+        values = codes.astype(scales.dtype) * scales[..., None, None] + biases[..., None, None]
+        return values.reshape(*lead, words * per_word)
+
+    return unpack
+
+
+def affine_dequantize(
+    w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
+) -> mx.array:
+    """``mx.dequantize`` of MLX's affine format, as one fused pass where the bit width allows."""
+    words_per_group = group_size * bits // 32
+    if bits in (2, 4, 8) and w.shape[-1] == scales.shape[-1] * words_per_group:
+        return _affine_unpacker(bits)(w, scales, biases)
+    return mx.dequantize(w, scales, biases, group_size, bits)
+
+
+@functools.cache
+def affine_dequantizer(group_size: int, bits: int) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """``affine_dequantize`` with the format bound: one function object per format (a cache key)."""
+
+    def dequantize(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        return affine_dequantize(w, scales, biases, group_size, bits)
+
+    return dequantize
+
+
+# --- affine matmuls -----------------------------------------------------------------------------
+
+
+@functools.cache
+def _affine_matmul(group_size: int, bits: int):
+    @mx.custom_function
+    def matmul(x, w, scales, biases):
+        return x @ affine_dequantize(w, scales, biases, group_size, bits).astype(x.dtype).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, w, scales, biases = primals
+        # Frozen weights: only x gets a gradient, and W is rebuilt rather than kept from forward.
+        dense = affine_dequantize(*for_backward(cotangent, w, scales, biases), group_size, bits)
+        dense = dense.astype(cotangent.dtype)
+        return (cotangent @ dense).astype(x.dtype), mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return matmul
+
+
+def affine_matmul(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array | None,
+    group_size: int,
+    bits: int,
+    mode: str = "affine",
+) -> mx.array:
+    """``x @ W.T`` for a quantized W (``mx.quantized_matmul(..., transpose=True)``), CPU-routed."""
+    if mode == "affine" and biases is not None and wants_dequant(x):
+        calls["affine"] += 1
+        return _affine_matmul(group_size, bits)(x, w, scales, biases)
+    return mx.quantized_matmul(
+        x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+    )
+
+
+def _sum_to_shape(g: mx.array, shape: tuple[int, ...]) -> mx.array:
+    """Undo broadcasting: sum ``g`` over the axes that broadcasting added or expanded from 1."""
+    extra = g.ndim - len(shape)
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    expanded = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(axis=expanded, keepdims=True) if expanded else g
+
+
+@functools.cache
+def _affine_gather_matmul(group_size: int, bits: int, sorted_indices: bool):
+    @mx.custom_function
+    def gather(x, w, scales, biases, indices):
+        dense = affine_dequantize(w, scales, biases, group_size, bits).astype(x.dtype)
+        return mx.gather_mm(x, dense.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    @gather.vjp
+    def gather_vjp(primals, cotangent, output):
+        x, w, scales, biases, indices = primals
+        dense = affine_dequantize(*for_backward(cotangent, w, scales, biases), group_size, bits)
+        dense = dense.astype(cotangent.dtype)
+        dx = mx.gather_mm(cotangent, dense, rhs_indices=indices, sorted_indices=sorted_indices)
+        return (
+            _sum_to_shape(dx, x.shape).astype(x.dtype),
+            mx.zeros_like(w),
+            mx.zeros_like(scales),
+            mx.zeros_like(biases),
+            mx.zeros_like(indices),
+        )
+
+    return gather
+
+
+def affine_gather_matmul(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    indices: mx.array,
+    group_size: int,
+    bits: int,
+    sorted_indices: bool = False,
+) -> mx.array:
+    """``mx.gather_qmm(..., transpose=True)`` of x with stacked affine experts, CPU-routed.
+
+    The dequantize route pays for all experts' weights once, so it is taken when each gathered
+    matmul has several rows (the MoE's blocked CPU layout), not for one row per expert.
+    """
+    if x.ndim >= 2 and x.shape[-2] >= MIN_ROWS and cpu_fast_path():
+        calls["affine_gather"] += 1
+        return _affine_gather_matmul(group_size, bits, sorted_indices)(x, w, scales, biases, indices)
+    return mx.gather_qmm(
+        x, w, scales, biases, rhs_indices=indices, transpose=True,
+        group_size=group_size, bits=bits, sorted_indices=sorted_indices,
+    )
+
+
+# --- a dense weight shared with other forward computations ---------------------------------------
+
+
+@functools.cache
+def _shared_dense_matmul(dequantize: Callable[..., mx.array]):
+    @mx.custom_function
+    def matmul(x, dense, *qparams):
+        return x @ dense.T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, dense, *qparams = primals
+        # Rebuilt from the codes: ``dense`` is not referenced here, so it is freed after forward.
+        w = dequantize(*for_backward(cotangent, *qparams)).astype(cotangent.dtype)
+        return ((cotangent @ w).astype(x.dtype), mx.zeros_like(dense), *(mx.zeros_like(q) for q in qparams))
+
+    return matmul
+
+
+def shared_dense_matmul(
+    x: mx.array, dense: mx.array, dequantize: Callable[..., mx.array], *qparams: mx.array
+) -> mx.array:
+    """``x @ dense.T`` where ``dense = dequantize(*qparams)`` was built by the caller for other uses too.
+
+    For a forward pass that needs the float weight twice (DoRA's row norms and its matmul): one
+    dequantization in forward instead of two, and the backward pass still rebuilds the weight from
+    the codes instead of keeping ``dense`` alive. ``dequantize`` must be a module-level function
+    (it keys a cache of compiled custom functions).
+    """
+    calls["shared_dense"] += 1
+    return _shared_dense_matmul(dequantize)(x, dense, *qparams)

@@ -1,0 +1,272 @@
+"""The CPU fast path for quantized matmuls: same results as MLX's native kernels, actually taken on the
+CPU, and no float copy of the weights kept for the backward pass."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import bit_axon  # noqa: F401  (BLAS before mlx)
+from bit_axon.layers.moe import EXPERT_BLOCK, SwitchGLU, SwitchLinear, expert_blocks
+from bit_axon.quantization import (
+    NF4Embedding,
+    NF4Linear,
+    NF4SwitchLinear,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantizedSwitchLinear,
+    fast_path,
+    nf4_dequantize,
+)
+from bit_axon.quantization.nf4 import _nf4_gather_matmul, nf4_gather_matmul
+from bit_axon.training.dora import DoRALinear
+
+pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the fast path is CPU-only")
+
+
+@pytest.fixture
+def no_fast_path(monkeypatch):
+    monkeypatch.setattr(fast_path, "ENABLED", False)
+
+
+def _gaussian(shape, seed, std=1.0):
+    return mx.array(np.random.default_rng(seed).normal(0, std, shape).astype(np.float32))
+
+
+def _value_and_input_grad(f, x):
+    out = f(x)
+    grad = mx.grad(lambda x: (f(x) * out).sum())(x)  # a fixed, non-trivial cotangent: the output itself
+    mx.eval(out, grad)
+    return np.array(out), np.array(grad)
+
+
+def _with_and_without(monkeypatch, f, x):
+    fast = _value_and_input_grad(f, x)
+    monkeypatch.setattr(fast_path, "ENABLED", False)
+    native = _value_and_input_grad(f, x)
+    monkeypatch.setattr(fast_path, "ENABLED", True)
+    return fast, native
+
+
+def _assert_close(a, b):
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5 * np.abs(v).max())
+
+
+def _affine_linear(seed=0, i=256, o=96, bias=False):
+    mx.random.seed(seed)
+    return QuantizedLinear.from_linear(nn.Linear(i, o, bias=bias), group_size=64, bits=4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_affine_linear_matches_native_kernel(monkeypatch, bias):
+    layer = _affine_linear(bias=bias)
+    x = _gaussian((3, 7, 256), seed=1)
+    before = fast_path.calls["affine"]
+    fast, native = _with_and_without(monkeypatch, layer, x)
+    assert fast_path.calls["affine"] > before  # taken with the switch on, not with it off
+    _assert_close(fast, native)
+
+
+def test_affine_linear_inside_compile(monkeypatch):
+    layer = _affine_linear()
+    x = _gaussian((16, 256), seed=2)
+    compiled = mx.compile(lambda x: layer(x))
+    np.testing.assert_allclose(np.array(compiled(x)), np.array(layer(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_few_rows_keep_the_native_kernel():
+    layer = _affine_linear()
+    before = fast_path.calls["affine"]
+    mx.eval(layer(_gaussian((1, fast_path.MIN_ROWS - 1, 256), seed=3)))
+    assert fast_path.calls["affine"] == before
+
+
+def test_affine_dequantize_matches_mlx():
+    w = _gaussian((40, 256), seed=4)
+    for bits in (2, 4, 8):
+        q, s, b = mx.quantize(w, 64, bits)
+        np.testing.assert_array_equal(
+            np.array(fast_path.affine_dequantize(q, s, b, 64, bits)), np.array(mx.dequantize(q, s, b, 64, bits))
+        )
+
+
+def test_nf4_word_table_gives_the_byte_table_values(monkeypatch):
+    packed = mx.array(np.random.default_rng(14).integers(0, 2**32, (6, 16), dtype=np.uint64).astype(np.uint32))
+    scales = _gaussian((6, 2), seed=15)
+    fast = np.array(nf4_dequantize(packed, scales))
+    monkeypatch.setattr(fast_path, "ENABLED", False)
+    np.testing.assert_array_equal(fast, np.array(nf4_dequantize(packed, scales)))
+
+
+def test_affine_embedding_as_linear_matches_native(monkeypatch):
+    mx.random.seed(0)
+    emb = QuantizedEmbedding.from_embedding(nn.Embedding(300, 128), group_size=64, bits=4)
+    h = _gaussian((2, 9, 128), seed=5)
+    before = fast_path.calls["affine"]
+    fast, native = _with_and_without(monkeypatch, emb.as_linear, h)
+    assert fast_path.calls["affine"] > before
+    _assert_close(fast, native)
+
+
+def test_nf4_linear_and_embedding_head_match_the_float_weights():
+    mx.random.seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(128, 64, bias=False))
+    emb = NF4Embedding.from_embedding(nn.Embedding(200, 128))
+    x = _gaussian((5, 128), seed=6)
+    for f, w in ((layer, layer.dequantize()), (emb.as_linear, emb.dequantize())):
+        _assert_close(_value_and_input_grad(f, x), _value_and_input_grad(lambda x, w=w: x @ w.T, x))
+
+
+def _glu(kind: str, seed: int = 0) -> SwitchGLU:
+    mx.random.seed(seed)
+    glu = SwitchGLU(64, 128, 4)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        base = getattr(glu, name)
+        if kind == "nf4":
+            setattr(glu, name, NF4SwitchLinear.from_switch_linear(base))
+        elif kind == "affine":
+            setattr(glu, name, QuantizedSwitchLinear.from_switch_linear(base, group_size=64, bits=4))
+    mx.eval(glu.parameters())
+    return glu
+
+
+@pytest.mark.parametrize("kind", ["float", "nf4", "affine"])
+def test_blocked_experts_match_the_row_layout_and_native_kernels(monkeypatch, kind):
+    glu = _glu(kind)
+    pairs = 4 * EXPERT_BLOCK + 2  # enough (token, expert) pairs for the blocked layout
+    x = _gaussian((1, pairs // 2, 64), seed=7)
+    indices = mx.array(np.random.default_rng(8).integers(0, 4, (1, pairs // 2, 2)).astype(np.int32))
+    assert expert_blocks(indices.size, 4) == EXPERT_BLOCK
+    before = fast_path.calls["affine_gather"]
+    fast, native = _with_and_without(monkeypatch, lambda x: glu(x, indices), x)
+    assert (fast_path.calls["affine_gather"] > before) == (kind == "affine")
+    _assert_close(fast, native)
+
+
+def test_expert_blocks_only_on_the_cpu_fast_path_with_enough_pairs(no_fast_path):
+    assert expert_blocks(10_000, 8) == 0
+
+
+def test_expert_blocks_need_enough_pairs():
+    assert expert_blocks(8 * EXPERT_BLOCK - 1, 8) == 0
+    assert expert_blocks(8 * EXPERT_BLOCK, 8) == EXPERT_BLOCK
+
+
+def test_blocked_layout_gives_weight_gradients_to_the_chosen_experts_only():
+    glu = _glu("float")
+    x = _gaussian((1, 70, 64), seed=9)
+    indices = mx.array(np.random.default_rng(9).choice([0, 2], (1, 70, 2)).astype(np.int32))
+
+    def grads(block):
+        def loss(params):
+            glu.update(params)
+            return (glu(x, indices, block=block) ** 2).sum()
+
+        return mx.grad(loss)(glu.trainable_parameters())
+
+    blocked, rows = grads(8), grads(0)
+    g = np.array(blocked["up_proj"]["weight"])
+    assert np.abs(g[[1, 3]]).max() == 0 and np.abs(g[[0, 2]]).min(axis=(1, 2)).max() > 0
+    np.testing.assert_allclose(g, np.array(rows["up_proj"]["weight"]), rtol=1e-4, atol=1e-6)
+
+
+def test_nf4_decoding_dequantizes_only_the_chosen_experts():
+    mx.random.seed(0)
+    layer = NF4SwitchLinear.from_switch_linear(SwitchLinear(64, 32, 8))
+    x = _gaussian((3, 1, 64), seed=10)
+    indices = mx.array([5, 1, 5])
+    selected = _value_and_input_grad(lambda x: nf4_gather_matmul(x, layer.weight, layer.scales, indices), x)
+    everything = _value_and_input_grad(
+        lambda x: _nf4_gather_matmul(False)(x, layer.weight, layer.scales, indices), x
+    )
+    _assert_close(selected, everything)
+
+
+def test_dora_shared_dequantization_matches_native(monkeypatch):
+    layer = DoRALinear.from_base(_affine_linear(seed=3), r=4, scale=2.0)
+    layer.lora_b = _gaussian(layer.lora_b.shape, seed=11, std=0.1)
+    x = _gaussian((12, 256), seed=12)
+    before = fast_path.calls["shared_dense"]
+
+    def grads():
+        def loss(params, x):
+            layer.update(params)
+            return (layer(x) ** 2).sum()
+
+        value, (gp, gx) = mx.value_and_grad(loss, argnums=(0, 1))(layer.trainable_parameters(), x)
+        mx.eval(value, gp, gx)
+        return [np.array(value), np.array(gx)] + [np.array(gp[k]) for k in ("lora_a", "lora_b", "m")]
+
+    fast = grads()
+    assert fast_path.calls["shared_dense"] > before
+    monkeypatch.setattr(fast_path, "ENABLED", False)
+    _assert_close(fast, grads())
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def throttled():
+    """Keep MLX from allocating far ahead of the computation (its CPU backend allocates outputs when
+    it queues an op, so a long chain can hold many transients at once); with a low memory limit it
+    waits for queued work instead, and what remains is what the graph really keeps alive."""
+    previous = mx.set_memory_limit(mx.get_active_memory() + (4 << 20))
+    yield
+    mx.set_memory_limit(previous)
+
+
+def _chain_peak(layers, x, compiled: bool) -> int:
+    """Peak memory above the starting point of a forward and input-gradient pass through ``layers``."""
+
+    def f(x):
+        for layer in layers:
+            x = layer(x)
+        return (x * x).sum()
+
+    grad = mx.compile(mx.grad(f)) if compiled else mx.grad(f)
+    mx.eval(grad(x))  # compile outside the measurement
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(grad(x))
+    mx.synchronize()
+    return mx.get_peak_memory() - base
+
+
+class _KeepFloat(nn.Module):
+    """Dequantize, then MLX's own matmul: autodiff keeps every float weight for the backward pass."""
+
+    def __init__(self, layer: NF4Linear):
+        super().__init__()
+        self.layer = layer
+
+    def __call__(self, x):
+        return x @ nf4_dequantize(self.layer["weight"], self.layer["scales"]).T
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("kind", ["affine", "nf4"])
+def test_backward_does_not_keep_a_float_copy_per_layer(throttled, kind, compiled):
+    # mx.compile merges identical subgraphs: without care, the backward pass's dequantization is
+    # merged with the forward's and every layer's float weight lives from forward to backward.
+    n_layers, dims = 24, 1024
+    mx.random.seed(0)
+    floats = [nn.Linear(dims, dims, bias=False) for _ in range(n_layers)]
+    if kind == "nf4":
+        layers = [NF4Linear.from_linear(f) for f in floats]
+    else:
+        layers = [QuantizedLinear.from_linear(f, group_size=64, bits=4) for f in floats]
+    mx.eval([layer.parameters() for layer in layers])
+    del floats
+    x = _gaussian((16, dims), seed=13)
+    weight_bytes = dims * dims * 4
+    peak = _chain_peak(layers, x, compiled)
+    assert peak < n_layers / 3 * weight_bytes, f"peak {peak / 2**20:.1f} MiB"
+    if kind == "nf4":  # the bound does catch a graph that keeps the float weights
+        kept = _chain_peak([_KeepFloat(layer) for layer in layers], x, compiled)
+        assert kept > 0.9 * n_layers * weight_bytes
