@@ -17,10 +17,10 @@ import argparse
 import bit_axon  # noqa: F401  (must load the fast BLAS before mlx is imported)
 
 # isort: on
+from bit_axon.quantization import nf4_dequantize, nf4_quantize
+
 import mlx.core as mx
 import numpy as np
-
-from bit_axon.quantization import nf4_dequantize, nf4_quantize
 
 
 def weights(kind: str, rows: int, cols: int, rng: np.random.Generator) -> mx.array:

@@ -21,9 +21,6 @@ import time
 import bit_axon  # noqa: F401  (must load the fast BLAS before mlx is imported)
 
 # isort: on
-import mlx.core as mx
-import mlx.nn as nn
-
 from bit_axon.blas import blas_in_use
 from bit_axon.layers.moe import SwitchGLU
 from bit_axon.quantization import (
@@ -33,6 +30,9 @@ from bit_axon.quantization import (
     QuantizedSwitchLinear,
     fast_path,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def best_time(f, repeats: int, budget: float = 3.0) -> float:

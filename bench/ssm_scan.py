@@ -10,14 +10,14 @@ import argparse
 import time
 from unittest import mock
 
-import mlx.core as mx
-import mlx.nn as nn
-
 import bit_axon  # noqa: F401  (loads the fast BLAS before mlx)
 from bit_axon import BitAxonConfig
 from bit_axon.blas import blas_in_use
 from bit_axon.layers import ssm as ssm_module
 from bit_axon.layers.scan import sequential_scan
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def fwd_bwd(layer: nn.Module, x: mx.array):

@@ -29,12 +29,6 @@ from collections.abc import Iterator
 import bit_axon  # noqa: F401  (must load the fast BLAS before mlx is imported)
 
 # isort: on
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-import numpy as np
-from mlx.utils import tree_flatten
-
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.blas import blas_in_use
 from bit_axon.quantization import quantize_model
@@ -46,6 +40,12 @@ from bit_axon.training.lora import apply_lora_to_model
 from bit_axon.training.losses import gather_targets
 from bit_axon.training.scheduler import cosine_with_warmup
 from bit_axon.training.trainer import Trainer
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
 
 LORA_RANK, LORA_SCALE, LEARNING_RATE, SEED = 8, 20.0, 1e-4, 0
 

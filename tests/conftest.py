@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from bit_axon.tokenizer import QwenTokenizerWrapper
+
+import pytest
 
 
 @pytest.fixture(scope="session")

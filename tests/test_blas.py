@@ -4,9 +4,9 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from bit_axon import blas
+
+import pytest
 
 SCRIPT = textwrap.dedent(
     """

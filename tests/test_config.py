@@ -1,8 +1,8 @@
 import json
 
-import pytest
-
 from bit_axon import BitAxonConfig
+
+import pytest
 
 
 def test_defaults_match_architecture():

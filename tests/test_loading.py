@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-import mlx.core as mx
-import pytest
-
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.loading import load_model, save_model
 from bit_axon.quantization import NF4Linear, QuantizedSwitchLinear, quantize_model
+
+import mlx.core as mx
+import pytest
 
 IDS = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
 

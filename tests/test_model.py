@@ -1,12 +1,12 @@
+import bit_axon  # noqa: F401
+from bit_axon import BitAxonConfig, BitAxonModel
+from bit_axon.loading import load_model, save_model
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-import bit_axon  # noqa: F401
-from bit_axon import BitAxonConfig, BitAxonModel
-from bit_axon.loading import load_model, save_model
 
 
 def tiny_config(**kw):

@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import time
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from typer.testing import CliRunner
-
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon import BitAxonConfig
 from bit_axon.cli.main import app
 from bit_axon.layers.blocks import AxonSSMMoEBlock, AxonSWAMoEBlock
 from bit_axon.loading import load_model
 from bit_axon.porting import attention_index, calibration_ids, layer_sources, port_qwen
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
 
 runner = CliRunner()
 QWEN = dict(vocab=300, hidden=32, inter=48, layers=5, heads=4, kv_heads=2, eps=1e-6)
@@ -270,9 +270,9 @@ def test_download_real_probe_against_a_closed_port(monkeypatch, tmp_path, no_sna
 
 
 def test_download_patterns_and_hub_errors(monkeypatch, tmp_path):
-    import huggingface_hub
-
     import bit_axon.cli.download as download
+
+    import huggingface_hub
 
     calls = []
 

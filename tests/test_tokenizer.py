@@ -1,8 +1,6 @@
 import gzip
 import shutil
 
-import pytest
-
 import bit_axon.tokenizer as tok
 from bit_axon.tokenizer import (
     BUNDLED_TOKENIZER,
@@ -10,6 +8,8 @@ from bit_axon.tokenizer import (
     TokenizerLoadError,
     resolve_tokenizer_file,
 )
+
+import pytest
 
 CONVERSATION = [
     {"role": "user", "content": "Hi"},

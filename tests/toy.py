@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-import numpy as np
-
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.training.config import TrainingConfig
 from bit_axon.training.lora import apply_lora_to_model
+
+import mlx.core as mx
+import numpy as np
 
 VOCAB = 40
 PAD, EOS, SEP = 0, 1, 2

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
-
 from bit_axon.config import BitAxonConfig
 from bit_axon.io import atomic_save_safetensors
 from bit_axon.model import BitAxonModel
 from bit_axon.quantization import quantization_spec, quantize_model
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
 
 WEIGHTS_FILE = "model.safetensors"
 

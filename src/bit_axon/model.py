@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from bit_axon.cache import KVCache, SSMCache
 from bit_axon.config import BitAxonConfig
 from bit_axon.layers.blocks import AxonSSMBlock, AxonSSMMoEBlock, AxonSWAMoEBlock
+
+import mlx.core as mx
+import mlx.nn as nn
 
 Cache = list[KVCache | SSMCache]
 

@@ -45,14 +45,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import numpy as np
-
 from bit_axon.config import BitAxonConfig
 from bit_axon.io import atomic_write_text
 from bit_axon.layers.blocks import AxonSSMBlock, AxonSSMMoEBlock, AxonSWAMoEBlock
 from bit_axon.loading import load_weights, save_model
 from bit_axon.model import BitAxonModel
+
+import mlx.core as mx
+import numpy as np
 
 QWEN_MODEL_TYPES = ("qwen2",)
 ROUTER_INIT_STD = 1e-3

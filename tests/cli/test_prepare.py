@@ -2,11 +2,11 @@ import csv
 import json
 import sys
 
-import pytest
-from typer.testing import CliRunner
-
 from bit_axon.cli.main import app
 from bit_axon.training.data import AlpacaDataset, ORPODataset, SFTDataset, load_dataset_file
+
+import pytest
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -148,9 +148,9 @@ def test_missing_datasets_package(tmp_path, monkeypatch):
 
 
 def test_hub_id_offline_fails_fast_naming_it(tmp_path, datasets_offline, monkeypatch):
-    import huggingface_hub.constants
-
     import bit_axon.cli.prepare as prepare_module
+
+    import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(prepare_module, "hub_reachable", lambda timeout: False)

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from typer.testing import CliRunner
-
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.cli.main import app
@@ -15,6 +10,11 @@ from bit_axon.quantization import quantize_model
 from bit_axon.training.checkpoint import load_adapter, save_adapter_only
 from bit_axon.training.lora import adapter_layers, apply_lora_to_model
 from bit_axon.training.merging import merge_adapters
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
 
 runner = CliRunner()
 IDS = mx.array([[10, 20, 30, 40]])

@@ -5,10 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import mlx.core as mx
-import pytest
-from typer.testing import CliRunner
-
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.cli.main import app
@@ -18,6 +14,10 @@ from bit_axon.quantization import quantize_model
 from bit_axon.training.checkpoint import save_adapter_only
 from bit_axon.training.data import load_dataset_file
 from bit_axon.training.lora import adapter_layers, apply_lora_to_model
+
+import mlx.core as mx
+import pytest
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

@@ -1,13 +1,13 @@
 import json
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
-from typer.testing import CliRunner
-
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.cli.main import app
 from bit_axon.loading import save_model
+
+import mlx.core as mx
+import pytest
+from typer.testing import CliRunner
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 runner = CliRunner()

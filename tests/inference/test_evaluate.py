@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.inference import evaluate_model
 from bit_axon.training.data import PreferencePair
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
 
 VOCAB = 97
 IDS = dict(eos_token_id=1, pad_token_id=0)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-import pytest
-
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.inference import (
@@ -16,6 +13,9 @@ from bit_axon.inference import (
     stream_generate,
 )
 from bit_axon.inference.detokenizer import REPLACEMENT_CHAR
+
+import mlx.core as mx
+import pytest
 
 IM_END, ENDOFTEXT = 151645, 151643
 # Byte-level BPE splits the astronaut's zero-width joiner into two tokens that decode to U+FFFD each.

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
+import bit_axon  # noqa: F401  (BLAS before mlx)
+from bit_axon.inference.sampling import Sampler, top_k_filter, top_p_filter
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import bit_axon  # noqa: F401  (BLAS before mlx)
-from bit_axon.inference.sampling import Sampler, top_k_filter, top_p_filter
 
 # A crafted distribution over 8 tokens, ranked 3 > 0 > 5 > 1 > 7 > 2 > 6 > 4.
 PROBS = np.array([0.25, 0.12, 0.04, 0.30, 0.01, 0.15, 0.03, 0.10])

@@ -1,13 +1,13 @@
 import math
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 import bit_axon  # noqa: F401
 from bit_axon import BitAxonConfig
 from bit_axon.cache import KVCache
 from bit_axon.layers.attention import SlidingWindowAttention
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 
 def _attention(window, hidden=32, heads=4):

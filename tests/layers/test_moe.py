@@ -1,10 +1,10 @@
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-
 import bit_axon  # noqa: F401
 from bit_axon import BitAxonConfig
 from bit_axon.layers.moe import SharedExpertMoE, route
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 
 
 def _moe(shared=True):

@@ -1,9 +1,9 @@
+import bit_axon  # noqa: F401  (BLAS preload before mlx use)
+from bit_axon.layers.scan import selective_scan, sequential_scan
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import bit_axon  # noqa: F401  (BLAS preload before mlx use)
-from bit_axon.layers.scan import selective_scan, sequential_scan
 
 
 def _inputs(b=2, L=37, E=6, N=4, seed=0):

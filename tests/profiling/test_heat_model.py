@@ -1,8 +1,8 @@
 import math
 
-import pytest
-
 from bit_axon.profiling.heat_model import HeatModel, HeatModelSensor
+
+import pytest
 
 
 def euler(model: HeatModel, seconds: float, duty: float, dt: float = 1e-4) -> float:

@@ -5,8 +5,6 @@ import time
 import types
 from pathlib import Path
 
-import pytest
-
 from bit_axon.profiling import macos, nvidia, thermal
 from bit_axon.profiling.macos import (
     HIDTemperatureSensor,
@@ -19,6 +17,8 @@ from bit_axon.profiling.sensor import SensorError
 from bit_axon.profiling.sysfs import SysfsSensor, find_sysfs_probes, rank_hwmon, rank_thermal_zone
 from bit_axon.profiling.thermal import ThermalMonitor, detect_sensor
 from bit_axon.training.cooling import ThermalPolicy, build_cooling_scheduler
+
+import pytest
 
 # `sudo powermetrics --samplers smc -n 1` on an Intel MacBook Pro (header trimmed).
 POWERMETRICS_INTEL = """\

@@ -3,11 +3,6 @@ CPU, and no float copy of the weights kept for the backward pass."""
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon.layers.moe import EXPERT_BLOCK, SwitchGLU, SwitchLinear, expert_blocks
 from bit_axon.quantization import (
@@ -22,6 +17,11 @@ from bit_axon.quantization import (
 )
 from bit_axon.quantization.nf4 import _nf4_gather_matmul, nf4_gather_matmul
 from bit_axon.training.dora import DoRALinear
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
 
 pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the fast path is CPU-only")
 

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 from statistics import NormalDist
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.layers.moe import SwitchLinear
@@ -25,6 +20,11 @@ from bit_axon.quantization import (
 )
 from bit_axon.quantization.nf4 import nf4_unpack
 from bit_axon.training.lora import apply_lora_to_model
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
 
 
 def tiny_model(seed: int = 0) -> BitAxonModel:

@@ -1,11 +1,5 @@
 import json
 
-import mlx.core as mx
-import mlx.optimizers as optim
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten, tree_unflatten
-
 from bit_axon.training import checkpoint
 from bit_axon.training.checkpoint import (
     get_latest_checkpoint,
@@ -14,6 +8,12 @@ from bit_axon.training.checkpoint import (
     save_checkpoint,
 )
 from toy import tiny_model
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
 
 
 def _model_and_optimizer():

@@ -2,10 +2,6 @@ import itertools
 import json
 import logging
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from bit_axon.training.collate import (
     IGNORE_INDEX,
     Batch,
@@ -17,6 +13,10 @@ from bit_axon.training.collate import (
 )
 from bit_axon.training.data import ORPODataset, PreferencePair, SFTDataset
 from bit_axon.training.packing import EOS_TOKEN_ID, PAD_TOKEN_ID, PackedBatch
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 E, P = EOS_TOKEN_ID, PAD_TOKEN_ID
 

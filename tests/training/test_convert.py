@@ -1,6 +1,6 @@
-import pytest
-
 from bit_axon.training.convert import ConversionError, convert_record, detect_shape
+
+import pytest
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 

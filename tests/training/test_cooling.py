@@ -1,8 +1,6 @@
 import logging
 import math
 
-import pytest
-
 from bit_axon.profiling.heat_model import HeatModel, HeatModelSensor, simulate_training
 from bit_axon.training.cooling import (
     CoolingScheduler,
@@ -11,6 +9,8 @@ from bit_axon.training.cooling import (
     ThermalShutdownError,
     ThermalTier,
 )
+
+import pytest
 
 
 class FakeClock:

@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from bit_axon.training.data import (
     AlpacaDataset,
     CacheDataset,
@@ -18,6 +16,8 @@ from bit_axon.training.data import (
     load_dataset_file,
     read_records,
 )
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,17 +15,17 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten, tree_map
-
 from bit_axon.training.collate import iterate_batches, iterate_orpo_batches
 from bit_axon.training.cooling import ThermalShutdownError
 from bit_axon.training.distributed import all_sum_tree, broadcast_tree, check_same, gather_rows, shard
 from bit_axon.training.orpo_trainer import ORPOTrainer
 from bit_axon.training.trainer import Trainer
 from toy import EOS, PAD, HotAt, SignalAt, config, copy_task, preference_task, tiny_model, trainer_kwargs
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
 
 REPO = Path(__file__).resolve().parents[2]
 MLX_LAUNCH = Path(sys.executable).with_name("mlx.launch")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import bit_axon  # noqa: F401  (BLAS before mlx)
+from bit_axon.quantization import NF4Linear, dense_weight
+from bit_axon.training.dora import DoRALinear
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-import bit_axon  # noqa: F401  (BLAS before mlx)
-from bit_axon.quantization import NF4Linear, dense_weight
-from bit_axon.training.dora import DoRALinear
 
 IN, OUT = 128, 48
 KINDS = ["float", "affine", "nf4"]

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import math
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten
-
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.quantization import NF4Linear, dense_weight, quantize_model
 from bit_axon.training import DoRALinear, LoRALinear, apply_lora_to_model
 from bit_axon.training.lora import LORA_EXCLUDED_NAMES, LORA_EXCLUDED_PATHS
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
 
 IN, OUT = 128, 48
 

@@ -3,17 +3,17 @@ chunked over the vocabulary (bounded memory), and the plain path for heads it ca
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.quantization import nf4_dequantize, nf4_quantize, quantize_model
 from bit_axon.training import losses
 from bit_axon.training.lora import apply_lora_to_model
 from bit_axon.training.losses import frozen_head, head_cross_entropy, masked_cross_entropy_sum
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
 
 VOCAB, D = 700, 64
 

@@ -5,11 +5,6 @@ from __future__ import annotations
 import json
 import logging
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten
-
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.io import atomic_save_safetensors
@@ -19,6 +14,11 @@ from bit_axon.training.checkpoint import load_adapter, save_adapter_only
 from bit_axon.training.dora import DoRALinear
 from bit_axon.training.lora import LoRALinear, adapter_layers, apply_lora_to_model
 from bit_axon.training.merging import load_and_merge, merge_adapters, save_merged_model
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
 
 IDS = mx.array([[11, 22, 33, 44, 55, 66]])
 

@@ -1,14 +1,14 @@
 import math
 
-import mlx.core as mx
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten
-
 from bit_axon.training.collate import IGNORE_INDEX, iterate_orpo_batches
 from bit_axon.training.orpo_loss import compute_orpo_loss, get_logps, log1mexp, orpo_loss
 from bit_axon.training.orpo_trainer import ORPOTrainer
 from toy import PAD, SignalAt, config, preference_task, tiny_model, trainer_kwargs
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
 
 
 def reference_penalty(chosen, rejected, beta):

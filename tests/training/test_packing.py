@@ -1,8 +1,8 @@
+from bit_axon.training.packing import EOS_TOKEN_ID, PAD_TOKEN_ID, PackedBatch, SequencePacker, padding_row
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from bit_axon.training.packing import EOS_TOKEN_ID, PAD_TOKEN_ID, PackedBatch, SequencePacker, padding_row
 
 E, P = EOS_TOKEN_ID, PAD_TOKEN_ID
 

@@ -1,11 +1,5 @@
 import json
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten, tree_map
-
 from bit_axon.training.checkpoint import get_latest_checkpoint, list_checkpoints
 from bit_axon.training.collate import iterate_batches
 from bit_axon.training.config import TrainingConfig
@@ -14,6 +8,12 @@ from bit_axon.training.losses import gather_targets, sft_loss, target_loss
 from bit_axon.training.scheduler import cosine_with_warmup
 from bit_axon.training.trainer import NonFiniteLossError, Trainer
 from toy import EOS, PAD, HotAt, SignalAt, config, copy_task, tiny_model, trainer_kwargs
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
 
 
 def test_schedule_warmup_then_cosine_to_zero():

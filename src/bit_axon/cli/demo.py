@@ -6,11 +6,11 @@ import json
 import time
 from pathlib import Path
 
+from bit_axon.cli.train import build_model, print_summary, run_training
+
 import typer
 from rich.console import Console
 from rich.table import Table
-
-from bit_axon.cli.train import build_model, print_summary, run_training
 
 
 def examples_dir() -> Path:

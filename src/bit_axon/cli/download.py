@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
-
 from bit_axon.tokenizer import hub_reachable
+
+import typer
 
 PROBE_TIMEOUT_S = 3.0
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jsonl"]

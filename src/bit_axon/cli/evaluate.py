@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
-from rich.console import Console
-
 from bit_axon.cli.run import load_model_and_tokenizer
 from bit_axon.inference import evaluate_model
 from bit_axon.tokenizer import DEFAULT_TOKENIZER
 from bit_axon.training.data import load_dataset_file
+
+import typer
+from rich.console import Console
 
 
 def evaluate(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import typer
-
 from bit_axon.cli.demo import demo
 from bit_axon.cli.download import download
 from bit_axon.cli.evaluate import evaluate
@@ -13,6 +11,8 @@ from bit_axon.cli.prepare import prepare
 from bit_axon.cli.quantize import quantize
 from bit_axon.cli.run import run
 from bit_axon.cli.train import train
+
+import typer
 
 app = typer.Typer(
     name="bit-axon",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bit_axon.training.merging import load_and_merge
+
 import typer
 from rich.console import Console
-
-from bit_axon.training.merging import load_and_merge
 
 
 def merge(

@@ -6,12 +6,12 @@ import json
 from enum import Enum
 from pathlib import Path
 
+from bit_axon.config import BitAxonConfig
+from bit_axon.porting import port_weights as port_checkpoint
+
 import mlx.core as mx
 import typer
 from rich.console import Console
-
-from bit_axon.config import BitAxonConfig
-from bit_axon.porting import port_weights as port_checkpoint
 
 
 class DType(str, Enum):

@@ -7,11 +7,11 @@ import itertools
 import json
 from pathlib import Path
 
-import typer
-
 from bit_axon.io import atomic_write_text
 from bit_axon.tokenizer import hub_reachable
 from bit_axon.training.convert import SHAPES, ConversionError, convert_record, detect_shape
+
+import typer
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 
-import typer
-from rich.console import Console
-
 from bit_axon.loading import load_model, save_model
 from bit_axon.quantization import DEFAULT_MODE, quantize_model
+
+import typer
+from rich.console import Console
 
 
 class QuantMode(str, Enum):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import typer
-from rich.console import Console
-
 from bit_axon.inference import ChatSession, GenerationChunk, Sampler, load_for_inference, stream_generate
 from bit_axon.model import BitAxonModel
 from bit_axon.tokenizer import DEFAULT_TOKENIZER, QwenTokenizerWrapper
+
+import typer
+from rich.console import Console
 
 EXIT_COMMANDS = ("/exit", "/quit")
 

@@ -35,12 +35,12 @@ class QuantizeMode(str, Enum):
 
 def build_model(model_weights: Path | None, config_small: bool, config, seed: int, console: Console):
     """Steps 1-5: the model, quantized to the configured bits/mode unless it already is, with adapters."""
-    import mlx.core as mx
-
     from bit_axon import BitAxonConfig, BitAxonModel
     from bit_axon.loading import load_model, save_model
     from bit_axon.quantization import quantize_model
     from bit_axon.training.lora import apply_lora_to_model
+
+    import mlx.core as mx
 
     if config_small:
         mx.random.seed(seed)
@@ -164,12 +164,12 @@ def train(
     config_small: bool = typer.Option(False, "--config-small", help="Use small model for testing."),
 ) -> None:
     """Fine-tune with 4-bit frozen base weights and LoRA/DoRA adapters (SFT or ORPO)."""
-    import mlx.core as mx
-
     from bit_axon.training.config import TrainingConfig
     from bit_axon.training.cooling import ThermalShutdownError
     from bit_axon.training.data import DatasetError, detect_format
     from bit_axon.training.trainer import NonFiniteLossError
+
+    import mlx.core as mx
 
     # Under mlx.launch every rank runs this command; only rank 0 talks.
     console = Console(quiet=mx.distributed.init().rank() != 0)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import mlx.nn as nn
-
 from bit_axon.inference.generate import Cache, GenerationChunk, stream_generate
 from bit_axon.tokenizer import IM_END, QwenTokenizerWrapper, render_chatml
+
+import mlx.nn as nn
 
 
 class ChatSession:

@@ -6,13 +6,13 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from bit_axon.training.collate import Batch, iterate_batches
 from bit_axon.training.data import PreferencePair
 from bit_axon.training.losses import sft_loss, shift_packed
 from bit_axon.training.packing import EOS_TOKEN_ID, PAD_TOKEN_ID
+
+import mlx.core as mx
+import mlx.nn as nn
 
 _MAX_EXP_ARG = 709.0  # math.exp overflows a float above ~709.78
 

@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from bit_axon.cache import KVCache, SSMCache
 from bit_axon.inference.detokenizer import StreamingDetokenizer
 from bit_axon.inference.sampling import Sampler
 from bit_axon.tokenizer import QwenTokenizerWrapper
+
+import mlx.core as mx
+import mlx.nn as nn
 
 Cache = list[KVCache | SSMCache]
 FinishReason = Literal["stop", "length"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
-
 from bit_axon.config import BitAxonConfig
 from bit_axon.loading import load_model
 from bit_axon.model import BitAxonModel
 from bit_axon.training.checkpoint import load_adapter
+
+import mlx.core as mx
 
 
 def default_dtype() -> mx.Dtype | None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from bit_axon.cache import KVCache
 from bit_axon.config import BitAxonConfig
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def sliding_window_mask(

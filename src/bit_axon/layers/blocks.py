@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from bit_axon.cache import KVCache, SSMCache
 from bit_axon.config import BitAxonConfig
 from bit_axon.layers.attention import SlidingWindowAttention
 from bit_axon.layers.moe import SharedExpertMoE
 from bit_axon.layers.ssm import AxonSSM
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 class AxonSSMBlock(nn.Module):

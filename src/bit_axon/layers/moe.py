@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 
+from bit_axon.config import BitAxonConfig
+
 import mlx.core as mx
 import mlx.nn as nn
-
-from bit_axon.config import BitAxonConfig
 
 
 class SwitchLinear(nn.Module):

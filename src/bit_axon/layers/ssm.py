@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from bit_axon.cache import SSMCache
 from bit_axon.config import BitAxonConfig
 from bit_axon.layers.scan import selective_scan
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def segment_starts(segment_ids: mx.array) -> mx.array:

@@ -37,10 +37,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_unflatten
-
 from bit_axon.layers.moe import SwitchLinear
 from bit_axon.quantization.fast_path import (
     affine_dequantize,
@@ -59,6 +55,10 @@ from bit_axon.quantization.nf4 import (
     nf4_matmul,
     nf4_quantize,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 QUANT_MODES = ("nf4", "affine")
 DEFAULT_MODE = "nf4"

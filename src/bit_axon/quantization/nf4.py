@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 import math
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from bit_axon.layers.moe import SwitchLinear
 from bit_axon.quantization.fast_path import cpu_fast_path, for_backward
+
+import mlx.core as mx
+import mlx.nn as nn
 
 # The NF4 data type, exactly as tabulated in the QLoRA paper (Appendix E) and bitsandbytes.
 NF4_CODEBOOK: tuple[float, ...] = (

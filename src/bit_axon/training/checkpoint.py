@@ -12,13 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bit_axon.io import atomic_save_safetensors
+from bit_axon.training.lora import adapter_config, adapter_layers, apply_lora_to_model, lora_target
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
-
-from bit_axon.io import atomic_save_safetensors
-from bit_axon.training.lora import adapter_config, adapter_layers, apply_lora_to_model, lora_target
 
 logger = logging.getLogger(__name__)
 

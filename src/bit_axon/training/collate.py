@@ -15,11 +15,11 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-import mlx.core as mx
-import numpy as np
-
 from bit_axon.training.data import PreferencePair
 from bit_axon.training.packing import EOS_TOKEN_ID, PAD_TOKEN_ID, PackedBatch, SequencePacker, padding_row
+
+import mlx.core as mx
+import numpy as np
 
 logger = logging.getLogger(__name__)
 

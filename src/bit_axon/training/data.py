@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import numpy as np
-
 from bit_axon.tokenizer import IM_END, IM_START, QwenTokenizerWrapper
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ differentiating a norm over the full (out, in) weight at a negligible cost in ac
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from bit_axon.quantization import dense_weight, linear_matmul_and_weight, quantize_like
 from bit_axon.training.lora import LoRALinear
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 def _row_norm_sq(w: mx.array) -> mx.array:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from bit_axon.quantization import NF4Linear, dense_weight, linear_dims, quantize_like
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
-
-from bit_axon.quantization import NF4Linear, dense_weight, linear_dims, quantize_like
 
 LORA_TARGET_NAMES = (
     "q_proj",

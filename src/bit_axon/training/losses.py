@@ -14,12 +14,12 @@ import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
+from bit_axon.quantization import NF4Embedding, NF4Linear, nf4_dequantize
+from bit_axon.quantization.fast_path import affine_dequantizer
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from bit_axon.quantization import NF4Embedding, NF4Linear, nf4_dequantize
-from bit_axon.quantization.fast_path import affine_dequantizer
 
 logger = logging.getLogger(__name__)
 

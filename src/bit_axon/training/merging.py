@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.nn as nn
-from mlx.utils import tree_unflatten
-
 from bit_axon.config import BitAxonConfig
 from bit_axon.loading import load_model, save_model
 from bit_axon.quantization import DEFAULT_MODE, dequantize_model, quantization_spec, quantize_model
 from bit_axon.training.checkpoint import load_adapter
 from bit_axon.training.lora import adapter_config, adapter_layers
+
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 
 def merge_adapters(model: nn.Module) -> list[str]:

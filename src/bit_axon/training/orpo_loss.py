@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 
+from bit_axon.training.collate import IGNORE_INDEX
+
 import mlx.core as mx
 import mlx.nn as nn
-
-from bit_axon.training.collate import IGNORE_INDEX
 
 # log p is clamped just below 0 so log(1 - p) stays finite when a response is certain (p -> 1).
 _MAX_LOGP = -1e-6

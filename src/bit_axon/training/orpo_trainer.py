@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from bit_axon.training.collate import IGNORE_INDEX, OrpoBatch, iterate_orpo_batches
 from bit_axon.training.orpo_loss import orpo_terms
 from bit_axon.training.trainer import Trainer
+
+import mlx.core as mx
+import mlx.nn as nn
 
 # Pairs are padded per batch; rounding the length up to a multiple of this bounds how many
 # distinct shapes the compiled step sees (each new shape is traced again).

@@ -26,13 +26,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from bit_axon.io import atomic_write_bytes
 from bit_axon.training.checkpoint import (
     get_latest_checkpoint,
@@ -47,6 +40,13 @@ from bit_axon.training.cooling import ThermalShutdownError
 from bit_axon.training.distributed import all_sum_tree, broadcast_tree, check_same, gather_rows, shard
 from bit_axon.training.losses import TargetBatch, gather_targets, target_loss
 from bit_axon.training.packing import EOS_TOKEN_ID, PAD_TOKEN_ID
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 logger = logging.getLogger(__name__)
 
