@@ -149,7 +149,7 @@ def affine_matmul(
     )
 
 
-def _sum_to_shape(g: mx.array, shape: tuple[int, ...]) -> mx.array:
+def sum_to_shape(g: mx.array, shape: tuple[int, ...]) -> mx.array:
     """Undo broadcasting: sum ``g`` over the axes that broadcasting added or expanded from 1."""
     extra = g.ndim - len(shape)
     if extra:
@@ -172,7 +172,7 @@ def _affine_gather_matmul(group_size: int, bits: int, sorted_indices: bool):
         dense = dense.astype(cotangent.dtype)
         dx = mx.gather_mm(cotangent, dense, rhs_indices=indices, sorted_indices=sorted_indices)
         return (
-            _sum_to_shape(dx, x.shape).astype(x.dtype),
+            sum_to_shape(dx, x.shape).astype(x.dtype),
             mx.zeros_like(w),
             mx.zeros_like(scales),
             mx.zeros_like(biases),

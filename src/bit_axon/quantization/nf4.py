@@ -19,7 +19,7 @@ import functools
 import math
 
 from bit_axon.layers.moe import SwitchLinear
-from bit_axon.quantization.fast_path import cpu_fast_path, for_backward
+from bit_axon.quantization.fast_path import cpu_fast_path, for_backward, sum_to_shape
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -108,15 +108,6 @@ def nf4_dequantize(packed: mx.array, scales: mx.array) -> mx.array:
     return (values * scales[..., None]).reshape(*lead, n_in)
 
 
-def _sum_to_shape(g: mx.array, shape: tuple[int, ...]) -> mx.array:
-    """Undo broadcasting: sum ``g`` over the axes that broadcasting added or expanded from 1."""
-    extra = g.ndim - len(shape)
-    if extra:
-        g = g.sum(axis=tuple(range(extra)))
-    expanded = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
-    return g.sum(axis=expanded, keepdims=True) if expanded else g
-
-
 @mx.custom_function
 def nf4_matmul(x: mx.array, packed: mx.array, scales: mx.array) -> mx.array:
     """``x @ W.T`` for the NF4 weight W (out, in)."""
@@ -145,7 +136,7 @@ def _nf4_gather_matmul(sorted_indices: bool):
         w = nf4_dequantize(*for_backward(cotangent, packed, scales))
         dx = mx.gather_mm(cotangent, w, rhs_indices=indices, sorted_indices=sorted_indices)
         return (
-            _sum_to_shape(dx, x.shape).astype(x.dtype),
+            sum_to_shape(dx, x.shape).astype(x.dtype),
             mx.zeros_like(packed),
             mx.zeros_like(scales),
             mx.zeros_like(indices),
