@@ -8,8 +8,10 @@ hand-written backward pass (gradient w.r.t. the input only; base weights are fro
 again instead of keeping it, so training holds 4.5 bits per base weight, not 32.
 
 Only on the CPU device: Metal and CUDA keep MLX's fused quantized kernels. ``BIT_AXON_CPU_DEQUANT=0``
-(read once, at import) turns the routing off and restores the native kernels everywhere. Results
-match the native kernels to float32 rounding (the same products, summed in another order).
+(read once, at import) turns the routing off and restores the native kernels everywhere, together
+with the other CPU fast paths that consult :func:`cpu_fast_path` (the MoE's blocked expert layout
+in ``bit_axon.layers.moe``, NF4's 16-bit-word lookup). Results match the native kernels to float32
+rounding (the same products, summed in another order).
 
 ``calls`` counts, per kind, how often a fast path was put in a graph (at trace time: a compiled
 step traces once), for tests and benchmarks.
@@ -45,7 +47,7 @@ def cpu_fast_path() -> bool:
         return False
     if not ENABLED and not _logged_disabled:
         _logged_disabled = True
-        logger.info("%s=0: CPU quantized matmuls use MLX's native kernels (slow for long inputs)", ENV_VAR)
+        logger.info("%s=0: CPU quantized matmuls and MoE experts use MLX's native kernels (slow for long inputs)", ENV_VAR)
     return ENABLED
 
 
