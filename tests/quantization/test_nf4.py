@@ -64,6 +64,18 @@ def test_codes_are_nearest_codebook_entries():
     assert mx.array_equal(codes, brute.astype(mx.uint32))
 
 
+def test_quantizing_holds_a_few_copies_of_the_weight_at_most():
+    # One fused pass per weight: the full model's embedding (1.2 GB in float32) must not need ~16
+    # copies of itself, as the earlier gather-based search did (21 GB).
+    w = gaussian((1024, 4096), seed=3)
+    mx.eval(w)
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(nf4_quantize(w, 64))
+    assert mx.get_peak_memory() - base < 6 * w.nbytes
+
+
 def test_dequantized_values_are_exactly_the_16_codebook_values():
     # Each row is one group holding every codebook value times a per-row scale.
     scales = mx.array([0.5, 2.0, 3.0, 0.125])[:, None]

@@ -37,6 +37,29 @@ def test_training_config_validates():
         TrainingConfig(temp_pause=99.0)
     with pytest.raises(ValueError, match="nf4 quantization is 4-bit only"):
         TrainingConfig(quantize_bits=8)
+    with pytest.raises(ValueError, match="memory_limit_gb must be > 0"):
+        TrainingConfig(memory_limit_gb=0)
+
+
+def test_memory_limit_holds_during_the_run_and_is_restored(tmp_path):
+    seen = []
+
+    class Probe:  # a cooling-scheduler stand-in that reads MLX's limit before each step
+        def check_before_step(self, step):
+            seen.append(mx.get_memory_limit())
+
+        def after_step(self, seconds):
+            return 0.0
+
+        def status(self):
+            return {}
+
+    before = mx.get_memory_limit()
+    trainer = Trainer(tiny_model(), config(tmp_path, max_steps=2, memory_limit_gb=0.25), copy_task(20), None,
+                      cooling_scheduler=Probe(), **trainer_kwargs())
+    assert trainer.train()["step"] == 2
+    assert seen == [250_000_000, 250_000_000]
+    assert mx.get_memory_limit() == before
 
 
 def _normalised_grads(trainer):

@@ -154,6 +154,9 @@ def train(
     quantize_group_size: int = typer.Option(64, "--quantize-group-size", help="Quantization group size."),
     quantize_mode: QuantizeMode = typer.Option(QuantizeMode.nf4, "--quantize-mode", help="nf4, affine or none."),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute layers in the backward pass (less memory)."),
+    memory_limit_gb: float = typer.Option(
+        None, "--memory-limit-gb", help="MLX memory limit for the run: lower peak memory, somewhat slower steps."
+    ),
     no_thermal: bool = typer.Option(False, "--no-thermal", help="Disable thermal monitoring."),
     temp_pause: float = typer.Option(85.0, "--temp-pause", help="Pause threshold (°C)."),
     temp_stop: float = typer.Option(95.0, "--temp-stop", help="Stop threshold (°C)."),
@@ -187,6 +190,7 @@ def train(
             save_every=save_every, eval_every=eval_every, output_dir=str(output_dir),
             temp_pause=temp_pause, temp_stop=temp_stop,
             temp_max_speed=min(75.0, temp_pause - 1.0), seed=seed, grad_checkpoint=grad_checkpoint,
+            memory_limit_gb=memory_limit_gb,
         )
         result = run_training(
             data, config, model_weights=model_weights, config_small=config_small, tokenizer=tokenizer,

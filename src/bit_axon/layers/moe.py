@@ -91,7 +91,14 @@ class SwitchGLU(nn.Module):
         self.down_proj = SwitchLinear(hidden_dims, input_dims, num_experts)
 
     def _glu(self, rows: mx.array, experts: mx.array) -> mx.array:
-        h = nn.silu(self.gate_proj(rows, experts, True)) * self.up_proj(rows, experts, True)
+        gate = self.gate_proj(rows, experts, True)
+        # The up projection waits for the gate's: where expert weights are dequantized per call
+        # (4-bit bases on the CPU), MLX would otherwise be free to build both float stacks first.
+        # Measured at full size (8 x 4096 x 2560) with a memory limit set (TrainingConfig's
+        # memory_limit_gb, which stops MLX from allocating far ahead of the computation): forward
+        # peak 373 MB instead of 709, forward + backward 732 MB instead of 1026.
+        (rows,) = mx.depends([rows], [gate])
+        h = nn.silu(gate) * self.up_proj(rows, experts, True)
         return self.down_proj(h, experts, True)
 
     def __call__(self, x: mx.array, indices: mx.array, block: int | None = None) -> mx.array:

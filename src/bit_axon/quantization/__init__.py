@@ -43,6 +43,7 @@ from bit_axon.quantization.fast_path import (
     affine_dequantizer,
     affine_gather_matmul,
     affine_matmul,
+    after,
     shared_dense_matmul,
     wants_dequant,
 )
@@ -234,11 +235,11 @@ def linear_matmul_and_weight(layer: nn.Module, x: mx.array) -> tuple[mx.array, m
     for the weight.
     """
     if isinstance(layer, NF4Linear):
-        w = nf4_dequantize(layer["weight"], layer["scales"])
+        w = nf4_dequantize(*after(x, layer["weight"], layer["scales"]))
         return shared_dense_matmul(x, w, nf4_dequantize, layer["weight"], layer["scales"]), w
     if isinstance(layer, QuantizedLinear) and layer.mode == "affine" and wants_dequant(x):
         params = (layer["weight"], layer["scales"], layer["biases"])
-        w = affine_dequantize(*params, layer.group_size, layer.bits)
+        w = affine_dequantize(*after(x, *params), layer.group_size, layer.bits)
         return shared_dense_matmul(x, w, affine_dequantizer(layer.group_size, layer.bits), *params), w
     return linear_matmul(layer, x), dense_weight(layer)
 

@@ -46,6 +46,9 @@ class TrainingConfig:
     # Misc
     seed: int = 42
     grad_checkpoint: bool = False  # recompute each layer in the backward pass (less memory, ~30% slower)
+    # MLX's evaluation memory limit for the run (mx.set_memory_limit). Above it, MLX waits for
+    # queued operations to finish before allocating more: lower peaks, somewhat slower steps.
+    memory_limit_gb: float | None = None
     max_eval_batches: int | None = None  # None evaluates the whole validation set
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
 
@@ -67,6 +70,8 @@ class TrainingConfig:
                      "keep_checkpoints", "max_nonfinite_steps", "quantize_group_size"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        check(self.memory_limit_gb is None or self.memory_limit_gb > 0,
+              f"memory_limit_gb must be > 0 (or None), got {self.memory_limit_gb}")
         check(self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}")
         check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         check(self.beta > 0, f"beta must be > 0, got {self.beta}")

@@ -399,6 +399,7 @@ class Trainer:
         data = shard(self.batches(self.dataset, loop=True), self.rank, self.world_size, start=self.batches_consumed)
         grad_step = self._build_step()
         previous_handlers = self._install_signal_handlers()
+        previous_limit = None if c.memory_limit_gb is None else mx.set_memory_limit(int(c.memory_limit_gb * 1e9))
         mx.reset_peak_memory()
         start_time = time.perf_counter()
         start_tokens = self.tokens_seen
@@ -486,6 +487,8 @@ class Trainer:
         finally:
             for sig, old in previous_handlers.items():
                 signal.signal(sig, old)
+            if previous_limit is not None:
+                mx.set_memory_limit(previous_limit)
         if self._stop_requested:
             self.console.print(
                 f"[yellow]Stopped at step {self.step}; checkpoint saved in {self.output_dir}. "

@@ -1,0 +1,207 @@
+"""Peak memory of one QLoRA training step of the full default model, against the guide's 3.7 GB.
+
+The model is ``BitAxonConfig()`` (the full default configuration), its base weights quantized to
+4 bits (NF4 by default, group 64), DoRA adapters of rank 8 on the guide's targets; one optimizer
+step of the real ``Trainer`` (batch 1, no gradient accumulation) on one row of ``--seq-len`` tokens,
+every position a training target (the most the vocabulary head ever does), with per-layer
+recomputation on and off. Each (sequence length, recompute) setting runs in its own process, so one
+setting's allocations cannot lower or raise another's peak.
+
+The full model does not fit in memory as float32 (6B parameters, 24 GB), so it is built lazily and
+quantized one top-level module at a time: only one module's float weights ever exist. The weights
+are random (memory does not depend on their values). Printed per setting: the quantized model with
+its adapters (``model GB``), the peak of the training step (``step peak GB``, MLX's allocator:
+weights, adapters, optimizer state, activations and temporaries), the process's peak resident set
+(``RSS GB``: adds the Python runtime and libraries) and the step's wall time.
+
+    python bench/memory.py                                   # seq 512 and 2048, recompute on and off
+    python bench/memory.py --seq-len 512 --recompute on      # one setting
+    python bench/memory.py --quant affine --dtype float32
+    python bench/memory.py --num-layers 3 6               # shallower copies, full model extrapolated
+    python bench/memory.py --memory-limit-gb 1            # with TrainingConfig.memory_limit_gb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+# isort: off
+import bit_axon  # noqa: F401  (must load the fast BLAS before mlx is imported)
+
+# isort: on
+from bit_axon import BitAxonConfig, BitAxonModel
+from bit_axon.blas import blas_in_use
+from bit_axon.quantization import is_quantized, quantize_model
+from bit_axon.training.config import TrainingConfig
+from bit_axon.training.lora import apply_lora_to_model
+from bit_axon.training.trainer import Trainer
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+GUIDE_CLAIM_GB = 3.7
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def fill_base_weights(model: BitAxonModel, seed: int = 0) -> None:
+    """Give every quantized layer random codes and scales without making its float weights.
+
+    Random float init followed by quantization takes minutes on a CPU for 6B weights (the random
+    generator is the slow part); memory does not depend on the values, so each quantized array is a
+    tiling of a small random block instead. Codes are uniform over the 16 levels, scales positive
+    (like absmax scales), affine biases centre the levels on zero: no layer is degenerate (DoRA's row
+    norms are never zero).
+    """
+    key = mx.random.key(seed)
+    fills = {}
+
+    def tiled(like: mx.array, make_block) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        if like.ndim == 1:
+            return make_block(like.shape, sub)
+        rows = min(like.shape[-2], 64)
+        block = make_block((*like.shape[:-2], rows, like.shape[-1]), sub)
+        reps = [1] * (like.ndim - 2) + [-(-like.shape[-2] // rows), 1]
+        return mx.tile(block, reps)[..., : like.shape[-2], :]
+
+    def random_words(shape: tuple[int, ...], k: mx.array) -> mx.array:
+        halves = mx.random.randint(0, 1 << 16, (2, *shape), key=k).astype(mx.uint32)
+        return (halves[0] << 16) | halves[1]
+
+    for path, module in model.named_modules():
+        if not is_quantized(module):
+            continue
+        fills[f"{path}.weight"] = tiled(
+            module.weight, random_words
+        )
+        scales = tiled(module.scales, lambda shape, k: mx.random.uniform(0.005, 0.05, shape, key=k))
+        fills[f"{path}.scales"] = scales.astype(module.scales.dtype)
+        if "biases" in module:
+            fills[f"{path}.biases"] = (-7.5 * scales).astype(module.biases.dtype)
+    model.load_weights(list(fills.items()), strict=False)
+
+
+def build_full_model(quant: str, dtype: mx.Dtype, num_layers: int) -> BitAxonModel:
+    """The default-config model, 4-bit, with DoRA adapters; built lazily so no float weight of a quantized layer is made."""
+    mx.random.seed(0)
+    model = BitAxonModel(BitAxonConfig(num_layers=num_layers))  # lazy: nothing is allocated until evaluated
+    if dtype != mx.float32:
+        model.set_dtype(dtype)
+    quantize_model(model, bits=4, group_size=64, mode=quant)
+    fill_base_weights(model)
+    for _, module in model.children().items():
+        mx.eval(module.parameters())
+    apply_lora_to_model(model, rank=8, dropout=0.0, scale=20.0, use_dora=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def nbytes(tree) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(tree))
+
+
+def measure(
+    seq_len: int, recompute: bool, quant: str, dtype: str, num_layers: int, memory_limit_gb: float | None = None
+) -> dict:
+    model = build_full_model(quant, DTYPES[dtype], num_layers)
+    model_bytes = nbytes(model.parameters())
+    adapter_bytes = nbytes(model.trainable_parameters())
+    rng = np.random.default_rng(0)
+    # One example that fills the row (the packer appends its EOS): every position is a target.
+    tokens = rng.integers(3, 150_000, seq_len - 1).tolist()
+    dataset = [(tokens, [1] * len(tokens))]
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainingConfig(
+            max_steps=1, warmup_steps=0, grad_accum_steps=1, batch_size=1, max_seq_len=seq_len,
+            lora_rank=8, use_dora=True, quantize_mode=quant, grad_checkpoint=recompute,
+            save_every=2, eval_every=2, output_dir=out, memory_limit_gb=memory_limit_gb,
+        )
+        trainer = Trainer(model, config, dataset, show_progress=False)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - start
+    peak = mx.get_peak_memory()
+    # ru_maxrss is KiB on Linux and bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {
+        "seq_len": seq_len, "recompute": recompute, "quant": quant, "dtype": dtype,
+        "model_gb": model_bytes / 1e9, "adapter_gb": adapter_bytes / 1e9, "peak_gb": peak / 1e9,
+        "rss_gb": rss / 1e9, "seconds": seconds, "loss": result["loss"],
+    }
+
+
+def extrapolate(rows: list[dict], num_layers: int) -> float | None:
+    """Least-squares line through (layers, step peak) of shallower runs, evaluated at ``num_layers``."""
+    points = [(r["num_layers"], r["peak_gb"]) for r in rows]
+    if len({n for n, _ in points}) < 2:
+        return None
+    slope, intercept = np.polyfit([n for n, _ in points], [p for _, p in points], 1)
+    return float(intercept + slope * num_layers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--recompute", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--quant", choices=["nf4", "affine"], default="nf4")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="float dtype of activations and float weights (float32: MLX's CPU BLAS path)")
+    parser.add_argument("--num-layers", type=int, nargs="+", default=[BitAxonConfig().num_layers],
+                        help="model depths to run (multiples of 3: whole sandwich zones); with several depths "
+                             "below the full 24, the full model's peak is also extrapolated along a line")
+    parser.add_argument("--memory-limit-gb", type=float, default=None,
+                        help="TrainingConfig.memory_limit_gb for the step (default: MLX's own limit)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    recompute = {"on": [True], "off": [False], "both": [True, False]}[args.recompute]
+    full_depth = BitAxonConfig().num_layers
+
+    if args.child:
+        print(json.dumps(measure(args.seq_len[0], recompute[0], args.quant, args.dtype, args.num_layers[0],
+                                 args.memory_limit_gb)))
+        return
+
+    print(f"device: {mx.default_device()}  BLAS: {blas_in_use() or 'bundled'}  quant: {args.quant}  "
+          f"dtype: {args.dtype}  DoRA r8, batch 1, every position a target  "
+          f"memory limit: {args.memory_limit_gb or 'MLX default'}")
+    print(f"{'seq':>5} {'recompute':>9} {'layers':>6} {'model GB':>9} {'adapters GB':>11} {'step peak GB':>12} "
+          f"{'RSS GB':>7} {'step s':>7} {'vs 3.7 GB':>9}")
+    for seq_len in args.seq_len:
+        for on in recompute:
+            done_rows = []
+            flag = "on" if on else "off"
+            for layers in args.num_layers:
+                command = [sys.executable, __file__, "--child", "--seq-len", str(seq_len), "--recompute", flag,
+                           "--quant", args.quant, "--dtype", args.dtype, "--num-layers", str(layers)]
+                if args.memory_limit_gb is not None:
+                    command += ["--memory-limit-gb", str(args.memory_limit_gb)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    why = (done.stderr.strip().splitlines() or [f"killed by signal {-done.returncode}"])[-1]
+                    print(f"{seq_len:>5} {flag:>9} {layers:>6}  failed (exit {done.returncode}): {why}", flush=True)
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                r["num_layers"] = layers
+                done_rows.append(r)
+                print(f"{seq_len:>5} {flag:>9} {layers:>6} {r['model_gb']:>9.2f} {r['adapter_gb']:>11.3f} "
+                      f"{r['peak_gb']:>12.2f} {r['rss_gb']:>7.2f} {r['seconds']:>7.1f} "
+                      f"{r['peak_gb'] / GUIDE_CLAIM_GB:>8.2f}x", flush=True)
+            if full_depth not in args.num_layers:
+                estimate = extrapolate(done_rows, full_depth)
+                if estimate is not None:
+                    print(f"{seq_len:>5} {flag:>9} {full_depth:>6} {'':>9} {'':>11} {estimate:>12.2f} {'':>7} {'':>7} "
+                          f"{estimate / GUIDE_CLAIM_GB:>8.2f}x  (extrapolated)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
