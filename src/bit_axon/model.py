@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bit_axon.cache import KVCache, SSMCache
 from bit_axon.config import BitAxonConfig
 from bit_axon.layers.blocks import AxonSSMBlock, AxonSSMMoEBlock, AxonSWAMoEBlock
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 Cache = list[KVCache | SSMCache]
 
@@ -19,6 +22,28 @@ def block_class(config: BitAxonConfig, index: int) -> type[nn.Module]:
     if index < zone3:
         return AxonSWAMoEBlock
     return AxonSSMMoEBlock
+
+
+def recompute_in_backward(fn: Callable[..., mx.array]) -> Callable[..., mx.array]:
+    """``fn`` whose activations are recomputed in the backward pass instead of kept (``mx.checkpoint``).
+
+    Unlike ``mx.checkpoint``, the recomputation takes inputs made to depend on the incoming
+    gradient, so it is a subgraph of its own that cannot run (or be merged by ``mx.compile``) ahead
+    of the backward pass. With ``mx.checkpoint``, a compiled step of a model with DoRA adapters
+    still kept memory per layer (measured: +128 MB from 6 to 12 layers of a narrow model at 2,048
+    tokens; here -2 MB).
+    """
+
+    @mx.custom_function
+    def wrapped(*arrays: mx.array) -> mx.array:
+        return fn(*arrays)
+
+    @wrapped.vjp
+    def wrapped_vjp(primals, cotangent, output):
+        _, grads = mx.vjp(fn, mx.depends(list(primals), [cotangent]), [cotangent])
+        return tuple(grads)
+
+    return wrapped
 
 
 class BitAxonModel(nn.Module):
@@ -53,12 +78,19 @@ class BitAxonModel(nn.Module):
         return self.lm_head(h)
 
     def _run_block(self, block: nn.Module, x: mx.array, segment_ids: mx.array | None) -> mx.array:
-        def forward(params, x, *seg):
-            block.update(params)
+        flat = tree_flatten(block.trainable_parameters())
+        names, params = [k for k, _ in flat], [v for _, v in flat]
+        n = len(params)
+
+        def forward(*arrays: mx.array) -> mx.array:
+            block.update(tree_unflatten(list(zip(names, arrays[:n], strict=True))))
+            x, *seg = arrays[n:]
             return block(x, None, seg[0] if seg else None)
 
         seg = () if segment_ids is None else (segment_ids,)
-        return mx.checkpoint(forward)(block.trainable_parameters(), x, *seg)
+        out = recompute_in_backward(forward)(*params, x, *seg)
+        block.update(tree_unflatten(list(zip(names, params, strict=True))))
+        return out
 
     def features(
         self,
