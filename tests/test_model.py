@@ -1,6 +1,7 @@
 import bit_axon  # noqa: F401
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.loading import load_model, save_model
+from toy import peak_memory
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -144,12 +145,8 @@ def _compiled_step_peak(model, ids, recompute: bool):
     state = [model.state]
     step = partial(mx.compile, inputs=state, outputs=state)(lambda ids: nn.value_and_grad(model, loss)(model, ids))
     mx.eval(step(ids))  # compile and warm the allocator
-    mx.clear_cache()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    value, grads = step(ids)
-    mx.eval(value, grads)
-    return value.item(), grads, mx.get_peak_memory() - base
+    (value, grads), peak = peak_memory(lambda: step(ids))
+    return value.item(), grads, peak
 
 
 def test_recompute_under_compile_keeps_gradients_and_saves_memory():

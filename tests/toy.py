@@ -104,3 +104,15 @@ class HotAt(SignalAt):
             from bit_axon.training.cooling import ThermalShutdownError
 
             raise ThermalShutdownError(97.0, 95.0, step)
+
+
+def peak_memory(fn):
+    """``fn()`` evaluated, and the peak memory it took above what was allocated before the call."""
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = fn()
+    mx.eval(out)
+    mx.synchronize()
+    return out, mx.get_peak_memory() - base

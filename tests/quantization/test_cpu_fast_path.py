@@ -17,6 +17,7 @@ from bit_axon.quantization import (
 )
 from bit_axon.quantization.nf4 import _nf4_gather_matmul, nf4_gather_matmul
 from bit_axon.training.dora import DoRALinear
+from toy import peak_memory
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -229,13 +230,7 @@ def _chain_peak(layers, x, compiled: bool) -> int:
 
     grad = mx.compile(mx.grad(f)) if compiled else mx.grad(f)
     mx.eval(grad(x))  # compile outside the measurement
-    mx.synchronize()
-    mx.clear_cache()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    mx.eval(grad(x))
-    mx.synchronize()
-    return mx.get_peak_memory() - base
+    return peak_memory(lambda: grad(x))[1]
 
 
 class _KeepFloat(nn.Module):

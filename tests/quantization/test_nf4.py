@@ -20,6 +20,7 @@ from bit_axon.quantization import (
 )
 from bit_axon.quantization.nf4 import nf4_unpack
 from bit_axon.training.lora import apply_lora_to_model
+from toy import peak_memory
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -69,11 +70,8 @@ def test_quantizing_holds_a_few_copies_of_the_weight_at_most():
     # copies of itself, as the earlier gather-based search did (21 GB).
     w = gaussian((1024, 4096), seed=3)
     mx.eval(w)
-    mx.clear_cache()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    mx.eval(nf4_quantize(w, 64))
-    assert mx.get_peak_memory() - base < 6 * w.nbytes
+    _, peak = peak_memory(lambda: nf4_quantize(w, 64))
+    assert peak < 6 * w.nbytes
 
 
 def test_dequantized_values_are_exactly_the_16_codebook_values():

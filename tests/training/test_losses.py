@@ -9,6 +9,7 @@ from bit_axon.quantization import nf4_dequantize, nf4_quantize, quantize_model
 from bit_axon.training import losses
 from bit_axon.training.lora import apply_lora_to_model
 from bit_axon.training.losses import frozen_head, head_cross_entropy, masked_cross_entropy_sum
+from toy import peak_memory
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -93,13 +94,7 @@ def test_logits_and_float_head_never_exist_whole(monkeypatch):
     mx.eval(fused(h))
     previous = mx.set_memory_limit(mx.get_active_memory() + (4 << 20))  # no allocation run-ahead
     try:
-        mx.synchronize()
-        mx.clear_cache()
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        mx.eval(fused(h))
-        mx.synchronize()
-        peak = mx.get_peak_memory() - base
+        _, peak = peak_memory(lambda: fused(h))
     finally:
         mx.set_memory_limit(previous)
     whole = k * vocab * 4  # the logits, 20 MB; the float head is 20 MB too
