@@ -83,10 +83,15 @@ def test_scan_gradients_match_sequential(method, block_size, with_reset):
 
 def test_method_choice_and_unknown_method():
     from bit_axon.layers.scan import choose_scan_method
+    from bit_axon.layers.scan_kernels import use_fused_scan
 
     if mx.default_device() == mx.cpu:
         assert choose_scan_method(1, 2048, 16) == "stepwise"
-    assert choose_scan_method(1, 64, 4) == "chunked"
+    if use_fused_scan(4):
+        assert choose_scan_method(1, 64, 4) == "fused"
+        assert choose_scan_method(1, 64, 3) == "chunked"  # no kernel for a d_state that is not 2^k
+    else:
+        assert choose_scan_method(1, 64, 4) == "chunked"
     x, dt, A, B, C, D, h0 = _inputs(L=3)
     with pytest.raises(ValueError, match="Unknown scan method"):
         selective_scan(x, dt, A, B, C, D, method="magic")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 from bit_axon.fast_math import fast_exp
+from bit_axon.layers.scan_kernels import fused_scan, use_fused_scan
 
 import mlx.core as mx
 
@@ -161,6 +162,9 @@ _STEPWISE_MIN_STATE = 8192
 
 
 def choose_scan_method(b: int, E: int, N: int) -> str:
+    """"fused" on a GPU backend whose kernel has been verified, else the faster pure-MLX scan."""
+    if use_fused_scan(N):
+        return "fused"
     on_cpu = mx.default_device() == mx.cpu
     return "stepwise" if on_cpu and b * E * N >= _STEPWISE_MIN_STATE else "chunked"
 
@@ -180,10 +184,11 @@ def selective_scan(
     """Scan ``x`` (b, L, E) with step sizes ``dt`` (b, L, E), ``A`` (E, N), ``B``/``C`` (b, L, N).
 
     ``reset`` (b, L) marks positions where a new packed segment starts: the state restarts from zero
-    there. Returns ``y`` (b, L, E) and the final state (b, E, N). ``method`` is "chunked" (vectorised
-    two-level scan, best on GPUs and for small states), "stepwise" (one cache-resident step at a
-    time, best for large states on the CPU) or None to choose by device and size; both have
-    hand-written gradients that recompute states instead of storing them.
+    there. Returns ``y`` (b, L, E) and the final state (b, E, N). ``method`` is "fused" (one GPU kernel
+    per direction, ``scan_kernels``), "chunked" (vectorised two-level scan, for GPUs without a
+    verified kernel and for small states), "stepwise" (one cache-resident step at a time, best for
+    large states on the CPU) or None to choose by device and size; all have hand-written gradients
+    that recompute states instead of storing them.
     """
     b, L, E = x.shape
     N = A.shape[-1]
@@ -191,11 +196,13 @@ def selective_scan(
         h0 = mx.zeros((b, E, N), dtype=x.dtype)
     keep = mx.ones((b, L), dtype=x.dtype) if reset is None else 1.0 - reset.astype(x.dtype)
     method = method or choose_scan_method(b, E, N)
+    if method == "fused":
+        return fused_scan(x, dt, A, B, C, D, h0, keep)
     if method == "stepwise":
         y, h, _ = _stepwise_scan(x, dt, A, B, C, D, h0, keep)
         return y, h
     if method != "chunked":
-        raise ValueError(f"Unknown scan method {method!r}; use 'chunked' or 'stepwise'")
+        raise ValueError(f"Unknown scan method {method!r}; use 'fused', 'chunked' or 'stepwise'")
     if block_size is None:
         block_size = max(1, _BLOCK_ELEMENTS // (b * E * N))
     ys = []
