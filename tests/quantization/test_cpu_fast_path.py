@@ -15,7 +15,8 @@ from bit_axon.quantization import (
     fast_path,
     nf4_dequantize,
 )
-from bit_axon.quantization.nf4 import _nf4_gather_matmul, nf4_gather_matmul
+from bit_axon.quantization.fast_path import dequantized_gather_matmul
+from bit_axon.quantization.nf4 import nf4_gather_matmul
 from bit_axon.training.dora import DoRALinear
 from toy import peak_memory
 
@@ -181,7 +182,7 @@ def test_nf4_decoding_dequantizes_only_the_chosen_experts():
     indices = mx.array([5, 1, 5])
     selected = _value_and_input_grad(lambda x: nf4_gather_matmul(x, layer.weight, layer.scales, indices), x)
     everything = _value_and_input_grad(
-        lambda x: _nf4_gather_matmul(False)(x, layer.weight, layer.scales, indices), x
+        lambda x: dequantized_gather_matmul(nf4_dequantize, False)(x, layer.weight, layer.scales, indices), x
     )
     _assert_close(selected, everything)
 

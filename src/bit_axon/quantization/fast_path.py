@@ -120,24 +120,67 @@ def affine_dequantizer(group_size: int, bits: int) -> Callable[[mx.array, mx.arr
     return dequantize
 
 
-# --- affine matmuls -----------------------------------------------------------------------------
+# --- dequantize-then-matmul, any format ------------------------------------------------------
 
 
 @functools.cache
-def _affine_matmul(group_size: int, bits: int):
+def dequantized_matmul(dequantize: Callable[..., mx.array]):
+    """``x @ W.T`` with ``W = dequantize(*qparams)`` built for this call only, as a custom function.
+
+    W is cast to the input's dtype. The backward pass (gradient w.r.t. x only: base weights are
+    frozen) rebuilds W rather than keeping it, and ``after`` keeps ``mx.compile`` from merging the
+    two dequantizations back into one W that would live from forward to backward. ``dequantize``
+    must be a module-level function or come from a cached factory (it keys this cache).
+    """
+
     @mx.custom_function
-    def matmul(x, w, scales, biases):
-        return x @ affine_dequantize(*after(x, w, scales, biases), group_size, bits).astype(x.dtype).T
+    def matmul(x, *qparams):
+        return x @ dequantize(*after(x, *qparams)).astype(x.dtype).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
-        x, w, scales, biases = primals
-        # Frozen weights: only x gets a gradient, and W is rebuilt rather than kept from forward.
-        dense = affine_dequantize(*after(cotangent, w, scales, biases), group_size, bits)
-        dense = dense.astype(cotangent.dtype)
-        return (cotangent @ dense).astype(x.dtype), mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+        x, *qparams = primals
+        dense = dequantize(*after(cotangent, *qparams)).astype(cotangent.dtype)
+        return ((cotangent @ dense).astype(x.dtype), *(mx.zeros_like(q) for q in qparams))
 
     return matmul
+
+
+@functools.cache
+def dequantized_gather_matmul(dequantize: Callable[..., mx.array], sorted_indices: bool):
+    """``mx.gather_mm`` of x with stacked experts ``dequantize(*qparams)`` (X, out, in), all of them
+    dequantized once per call; called as ``(x, *qparams, indices)``. Backward as ``dequantized_matmul``."""
+
+    @mx.custom_function
+    def gather(x, *qparams_and_indices):
+        *qparams, indices = qparams_and_indices
+        dense = dequantize(*after(x, *qparams)).astype(x.dtype)
+        return mx.gather_mm(x, dense.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    @gather.vjp
+    def gather_vjp(primals, cotangent, output):
+        x, *qparams, indices = primals
+        dense = dequantize(*after(cotangent, *qparams)).astype(cotangent.dtype)
+        dx = mx.gather_mm(cotangent, dense, rhs_indices=indices, sorted_indices=sorted_indices)
+        return (
+            sum_to_shape(dx, x.shape).astype(x.dtype),
+            *(mx.zeros_like(q) for q in qparams),
+            mx.zeros_like(indices),
+        )
+
+    return gather
+
+
+def sum_to_shape(g: mx.array, shape: tuple[int, ...]) -> mx.array:
+    """Undo broadcasting: sum ``g`` over the axes that broadcasting added or expanded from 1."""
+    extra = g.ndim - len(shape)
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    expanded = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(axis=expanded, keepdims=True) if expanded else g
+
+
+# --- affine matmuls -----------------------------------------------------------------------------
 
 
 def affine_matmul(
@@ -152,43 +195,10 @@ def affine_matmul(
     """``x @ W.T`` for a quantized W (``mx.quantized_matmul(..., transpose=True)``), CPU-routed."""
     if mode == "affine" and biases is not None and wants_dequant(x):
         calls["affine"] += 1
-        return _affine_matmul(group_size, bits)(x, w, scales, biases)
+        return dequantized_matmul(affine_dequantizer(group_size, bits))(x, w, scales, biases)
     return mx.quantized_matmul(
         x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
     )
-
-
-def sum_to_shape(g: mx.array, shape: tuple[int, ...]) -> mx.array:
-    """Undo broadcasting: sum ``g`` over the axes that broadcasting added or expanded from 1."""
-    extra = g.ndim - len(shape)
-    if extra:
-        g = g.sum(axis=tuple(range(extra)))
-    expanded = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
-    return g.sum(axis=expanded, keepdims=True) if expanded else g
-
-
-@functools.cache
-def _affine_gather_matmul(group_size: int, bits: int, sorted_indices: bool):
-    @mx.custom_function
-    def gather(x, w, scales, biases, indices):
-        dense = affine_dequantize(*after(x, w, scales, biases), group_size, bits).astype(x.dtype)
-        return mx.gather_mm(x, dense.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
-
-    @gather.vjp
-    def gather_vjp(primals, cotangent, output):
-        x, w, scales, biases, indices = primals
-        dense = affine_dequantize(*after(cotangent, w, scales, biases), group_size, bits)
-        dense = dense.astype(cotangent.dtype)
-        dx = mx.gather_mm(cotangent, dense, rhs_indices=indices, sorted_indices=sorted_indices)
-        return (
-            sum_to_shape(dx, x.shape).astype(x.dtype),
-            mx.zeros_like(w),
-            mx.zeros_like(scales),
-            mx.zeros_like(biases),
-            mx.zeros_like(indices),
-        )
-
-    return gather
 
 
 def affine_gather_matmul(
@@ -208,7 +218,8 @@ def affine_gather_matmul(
     """
     if x.ndim >= 2 and x.shape[-2] >= MIN_ROWS and cpu_fast_path():
         calls["affine_gather"] += 1
-        return _affine_gather_matmul(group_size, bits, sorted_indices)(x, w, scales, biases, indices)
+        gather = dequantized_gather_matmul(affine_dequantizer(group_size, bits), sorted_indices)
+        return gather(x, w, scales, biases, indices)
     return mx.gather_qmm(
         x, w, scales, biases, rhs_indices=indices, transpose=True,
         group_size=group_size, bits=bits, sorted_indices=sorted_indices,

@@ -15,11 +15,15 @@ during training, not 32.
 
 from __future__ import annotations
 
-import functools
 import math
 
 from bit_axon.layers.moe import SwitchLinear
-from bit_axon.quantization.fast_path import after, cpu_fast_path, sum_to_shape
+from bit_axon.quantization.fast_path import (
+    after,
+    cpu_fast_path,
+    dequantized_gather_matmul,
+    dequantized_matmul,
+)
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -120,41 +124,9 @@ def nf4_dequantize(packed: mx.array, scales: mx.array) -> mx.array:
     return (values * scales[..., None]).reshape(*lead, n_in)
 
 
-@mx.custom_function
 def nf4_matmul(x: mx.array, packed: mx.array, scales: mx.array) -> mx.array:
-    """``x @ W.T`` for the NF4 weight W (out, in)."""
-    return x @ nf4_dequantize(*after(x, packed, scales)).T
-
-
-@nf4_matmul.vjp
-def _nf4_matmul_vjp(primals, cotangent, output):
-    x, packed, scales = primals
-    # The weights are frozen: only x gets a gradient, and W is rebuilt rather than kept from forward
-    # (``after``: also under mx.compile, which would otherwise reuse the forward's W).
-    w = nf4_dequantize(*after(cotangent, packed, scales))
-    return (cotangent @ w).astype(x.dtype), mx.zeros_like(packed), mx.zeros_like(scales)
-
-
-@functools.cache
-def _nf4_gather_matmul(sorted_indices: bool):
-    @mx.custom_function
-    def gather(x, packed, scales, indices):
-        w = nf4_dequantize(*after(x, packed, scales))
-        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
-
-    @gather.vjp
-    def gather_vjp(primals, cotangent, output):
-        x, packed, scales, indices = primals
-        w = nf4_dequantize(*after(cotangent, packed, scales))
-        dx = mx.gather_mm(cotangent, w, rhs_indices=indices, sorted_indices=sorted_indices)
-        return (
-            sum_to_shape(dx, x.shape).astype(x.dtype),
-            mx.zeros_like(packed),
-            mx.zeros_like(scales),
-            mx.zeros_like(indices),
-        )
-
-    return gather
+    """``x @ W.T`` for the NF4 weight W (out, in), dequantized for this call only (``dequantized_matmul``)."""
+    return dequantized_matmul(nf4_dequantize)(x, packed, scales)
 
 
 @mx.custom_function
@@ -187,7 +159,7 @@ def nf4_gather_matmul(
     """
     if indices.size < packed.shape[0] and x.shape[:-2] == indices.shape:
         return _nf4_selected_matmul(x, packed, scales, indices)
-    return _nf4_gather_matmul(sorted_indices)(x, packed, scales, indices)
+    return dequantized_gather_matmul(nf4_dequantize, sorted_indices)(x, packed, scales, indices)
 
 
 class NF4Linear(nn.Module):
