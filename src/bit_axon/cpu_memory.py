@@ -8,10 +8,11 @@ written: ~4 us a fault on this VM, ~3.5 ns per float32 element, more than the ar
 elementwise ops (an 8M-element add: 3.9 ns/element, 0.9 without the faults). ``keep`` tells malloc
 to serve everything from its heap and not to shrink it.
 
-Measured trade-off (bench/README.md): a full-width 3-layer QLoRA step at 512 tokens runs 1.18x
-faster, but the process's peak resident memory grows 2.96 -> 4.31 GB (freed blocks stay with the
-process and fragment), and small-model training is not measurably faster. Hence off by default:
-``BIT_AXON_MALLOC=system`` (the default) keeps glibc's behaviour.
+Measured trade-off (bench/README.md): a full-width 3-layer QLoRA step at 512 tokens took 54.8 s
+against 59.8 and 64.9 s without it (within this VM's run-to-run spread), while the process's peak
+resident memory grew 2.96 -> 4.31 GB (freed blocks stay with the process and fragment); small-model
+training is not measurably faster. Hence off by default: ``BIT_AXON_MALLOC=system`` (the default)
+keeps glibc's behaviour.
 """
 
 from __future__ import annotations
