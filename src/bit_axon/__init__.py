@@ -1,12 +1,9 @@
 """Bit-Axon: a hybrid SSM / sliding-window attention / MoE language model and its fine-tuning pipeline."""
 
 from bit_axon.blas import load_fast_blas
-from bit_axon.cpu_memory import keep_freed_memory
 
 # Must run before mlx.core is first imported anywhere (see bit_axon.blas).
 load_fast_blas()
-# Opt-in (BIT_AXON_MALLOC=keep), before the first large allocation: see bit_axon.cpu_memory.
-keep_freed_memory()
 
 from bit_axon.config import BitAxonConfig  # noqa: E402
 from bit_axon.model import BitAxonModel  # noqa: E402
