@@ -123,6 +123,11 @@ def affine_dequantizer(group_size: int, bits: int) -> Callable[[mx.array, mx.arr
 # --- dequantize-then-matmul, any format ------------------------------------------------------
 
 
+def _dequantize_after(dequantize: Callable[..., mx.array], trigger: mx.array, qparams) -> mx.array:
+    """The float weight, rebuilt once ``trigger`` exists (``after``) and cast to its dtype."""
+    return dequantize(*after(trigger, *qparams)).astype(trigger.dtype)
+
+
 @functools.cache
 def dequantized_matmul(dequantize: Callable[..., mx.array]):
     """``x @ W.T`` with ``W = dequantize(*qparams)`` built for this call only, as a custom function.
@@ -135,12 +140,12 @@ def dequantized_matmul(dequantize: Callable[..., mx.array]):
 
     @mx.custom_function
     def matmul(x, *qparams):
-        return x @ dequantize(*after(x, *qparams)).astype(x.dtype).T
+        return x @ _dequantize_after(dequantize, x, qparams).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, *qparams = primals
-        dense = dequantize(*after(cotangent, *qparams)).astype(cotangent.dtype)
+        dense = _dequantize_after(dequantize, cotangent, qparams)
         return ((cotangent @ dense).astype(x.dtype), *(mx.zeros_like(q) for q in qparams))
 
     return matmul
@@ -154,13 +159,13 @@ def dequantized_gather_matmul(dequantize: Callable[..., mx.array], sorted_indice
     @mx.custom_function
     def gather(x, *qparams_and_indices):
         *qparams, indices = qparams_and_indices
-        dense = dequantize(*after(x, *qparams)).astype(x.dtype)
+        dense = _dequantize_after(dequantize, x, qparams)
         return mx.gather_mm(x, dense.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
     @gather.vjp
     def gather_vjp(primals, cotangent, output):
         x, *qparams, indices = primals
-        dense = dequantize(*after(cotangent, *qparams)).astype(cotangent.dtype)
+        dense = _dequantize_after(dequantize, cotangent, qparams)
         dx = mx.gather_mm(cotangent, dense, rhs_indices=indices, sorted_indices=sorted_indices)
         return (
             sum_to_shape(dx, x.shape).astype(x.dtype),
@@ -239,7 +244,7 @@ def _shared_dense_matmul(dequantize: Callable[..., mx.array]):
     def matmul_vjp(primals, cotangent, output):
         x, dense, *qparams = primals
         # Rebuilt from the codes: ``dense`` is not referenced here, so it is freed after forward.
-        w = dequantize(*after(cotangent, *qparams)).astype(cotangent.dtype)
+        w = _dequantize_after(dequantize, cotangent, qparams)
         return ((cotangent @ w).astype(x.dtype), mx.zeros_like(dense), *(mx.zeros_like(q) for q in qparams))
 
     return matmul
