@@ -208,6 +208,59 @@ def test_dora_shared_dequantization_matches_native(monkeypatch):
     _assert_close(fast, grads())
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 1,000 float values: the test layers below are rebuilt in several tiles, the last
+    one short (96 rows of 256 values: 3 rows a tile; 4 experts x 64 inputs: 3 rows a tile)."""
+    monkeypatch.setattr(fast_path, "TILE_VALUES", 1000)
+    monkeypatch.setattr(fast_path, "MIN_TILE_ROWS", 1)
+
+
+def test_weight_tiles_cover_the_rows_once(small_tiles):
+    assert fast_path.weight_tiles(10, 300, 16) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert fast_path.weight_tiles(2, 5000, 16) == [(0, 1), (1, 2)]  # a row larger than a tile: one row each
+
+
+def test_tiles_keep_a_minimum_width(small_tiles, monkeypatch):
+    monkeypatch.setattr(fast_path, "MIN_TILE_ROWS", 4)
+    assert fast_path.weight_tiles(10, 300, 16) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_no_tiles_when_the_product_outgrows_the_weight(small_tiles):
+    # Concatenating the tiles' outputs would hold the product twice (a vocabulary head's logits).
+    assert fast_path.weight_tiles(10, 300, 300) == [(0, 10)]
+
+
+@pytest.mark.parametrize("kind", ["affine", "nf4"])
+def test_tiled_dense_layers_match_untiled_and_native(monkeypatch, small_tiles, kind):
+    layer = _affine_linear(bias=True) if kind == "affine" else NF4Linear.from_linear(nn.Linear(256, 96))
+    x = _gaussian((2, 5, 256), seed=16)
+    tiled = _value_and_input_grad(layer, x)
+    monkeypatch.setattr(fast_path, "TILE_VALUES", 1 << 30)
+    whole = _value_and_input_grad(layer, x)
+    # Output rows split, dot products whole: equal up to the BLAS kernel's summation order.
+    for a, b in zip(tiled, whole, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+    if kind == "affine":
+        monkeypatch.setattr(fast_path, "ENABLED", False)
+        _assert_close(tiled, _value_and_input_grad(layer, x))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "affine"])
+def test_tiled_experts_match_native_kernels(monkeypatch, small_tiles, kind):
+    glu = _glu(kind)
+    x = _gaussian((1, 40, 64), seed=17)
+    indices = mx.array(np.random.default_rng(17).integers(0, 4, (1, 40, 2)).astype(np.int32))
+    compiled = mx.compile(lambda x: glu(x, indices))
+    fast, native = _with_and_without(monkeypatch, lambda x: glu(x, indices), x)
+    _assert_close(fast, native)
+    _assert_close(_value_and_input_grad(compiled, x), native)
+
+
+def test_tiled_dora_backward_matches_native(monkeypatch, small_tiles):
+    test_dora_shared_dequantization_matches_native(monkeypatch)
+
+
 # --- memory ----------------------------------------------------------------------------------
 
 
@@ -245,9 +298,10 @@ class _KeepFloat(nn.Module):
         return x @ nf4_dequantize(self.layer["weight"], self.layer["scales"]).T
 
 
+@pytest.mark.parametrize("tiled", [False, True], ids=["whole", "tiled"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kind", ["affine", "nf4"])
-def test_backward_does_not_keep_a_float_copy_per_layer(throttled, kind, compiled):
+def test_backward_does_not_keep_a_float_copy_per_layer(monkeypatch, throttled, kind, compiled, tiled):
     # mx.compile merges identical subgraphs: without care, the backward pass's dequantization is
     # merged with the forward's and every layer's float weight lives from forward to backward.
     n_layers, dims = 24, 1024
@@ -261,8 +315,12 @@ def test_backward_does_not_keep_a_float_copy_per_layer(throttled, kind, compiled
     del floats
     x = _gaussian((16, dims), seed=13)
     weight_bytes = dims * dims * 4
+    if tiled:  # four tiles a layer, rebuilt on two streams taking turns
+        monkeypatch.setattr(fast_path, "TILE_VALUES", dims * dims // 4)
+        monkeypatch.setattr(fast_path, "MIN_TILE_ROWS", 1)
     peak = _chain_peak(layers, x, compiled)
-    assert peak < n_layers / 3 * weight_bytes, f"peak {peak / 2**20:.1f} MiB"
+    # Tiled, less than one layer's float weight plus a tile or two (whole layers, compiled: ~2 layers).
+    assert peak < (1.5 if tiled else n_layers / 3) * weight_bytes, f"peak {peak / 2**20:.1f} MiB"
     if kind == "nf4":  # the bound does catch a graph that keeps the float weights
         kept = _chain_peak([_KeepFloat(layer) for layer in layers], x, compiled)
         assert kept > 0.9 * n_layers * weight_bytes

@@ -3,7 +3,8 @@
 MLX's CPU ``quantized_matmul`` / ``gather_qmm`` kernels do not use BLAS and reach ~2 GFLOP/s,
 while a float32 matmul through the OpenBLAS that ``bit_axon.blas`` preloads reaches ~50-100. For
 inputs of more than a few rows it is therefore much faster to dequantize the layer's weight (a
-fused elementwise pass) and multiply in float. The float weight is a transient of one layer: the
+fused elementwise pass) and multiply in float. The float weight is a transient, rebuilt a tile of
+output rows at a time (two CPU streams dequantizing in turns while BLAS multiplies): the
 hand-written backward pass (gradient w.r.t. the input only; base weights are frozen) dequantizes
 again instead of keeping it, so training holds 4.5 bits per base weight, not 32.
 
@@ -122,31 +123,123 @@ def affine_dequantizer(group_size: int, bits: int) -> Callable[[mx.array, mx.arr
 
 # --- dequantize-then-matmul, any format ------------------------------------------------------
 
+# A layer's float weight is rebuilt and multiplied a tile of output rows at a time on the CPU:
+# tiles of at most TILE_VALUES values, but at least MIN_TILE_ROWS rows. MLX's CPU allocator
+# caches freed buffers only up to 32 MB in all (its default cache limit), so a whole-layer float
+# weight (an 8 x 1024 x 1024 expert stack is 32 MB) came fresh from the OS on every call, paying
+# ~3.5 ns of page faults per value, twice what dequantizing it costs; 8 MB tiles are reused from
+# the cache. Narrower tiles than ~256 rows make the gathered experts' BLAS calls too thin (the
+# full config's 8 x 4096 x 2560 stacks: 256-row tiles of 21 MB beat 8 MB ones). Measurements in
+# bench/README.md ("4-bit matmuls on the CPU").
+TILE_VALUES = 1 << 21
+MIN_TILE_ROWS = 256
+
+
+def weight_tiles(out_dims: int, row_values: int, output_rows: int) -> list[tuple[int, int]]:
+    """Output-row ranges [start, stop) of at most ``TILE_VALUES`` float values or ``MIN_TILE_ROWS`` rows.
+
+    ``row_values`` is the number of values one output row holds across the stack (experts x input
+    dims), ``output_rows`` the number of rows the product has. One range off the CPU, and when the
+    product is at least as large as the weight (a vocabulary head over a batch): the tiles'
+    outputs are concatenated, and holding the output twice would cost more than the whole weight.
+    Splitting the output rows leaves every dot product whole: a tiled product differs from an
+    untiled one only by the BLAS kernel's summation order.
+    """
+    if not cpu_fast_path() or output_rows >= row_values:
+        return [(0, out_dims)]
+    rows = max(MIN_TILE_ROWS, TILE_VALUES // row_values)
+    return [(start, min(start + rows, out_dims)) for start in range(0, out_dims, rows)]
+
 
 def _dequantize_after(dequantize: Callable[..., mx.array], trigger: mx.array, qparams) -> mx.array:
-    """The float weight, rebuilt once ``trigger`` exists (``after``) and cast to its dtype."""
+    """The float weight, rebuilt once ``trigger`` exists (``after``) and cast to its dtype (all
+    tiles of one product share a dtype: the first trigger is its input, the next ones its outputs)."""
     return dequantize(*after(trigger, *qparams)).astype(trigger.dtype)
+
+
+@functools.cache
+def _dequantize_streams() -> tuple[mx.Stream, mx.Stream]:
+    return mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+
+
+def _dequantize_tile(dequantize, qparams, tiles, i: int, triggers: list[mx.array]) -> mx.array:
+    """Tile ``i`` of the float weight, dequantized once ``triggers[i]`` exists.
+
+    With several tiles, two extra CPU streams take turns, so the next tile is rebuilt while this
+    one is multiplied (MLX's CPU elementwise kernels use one thread; the BLAS matmul uses all).
+    The callers pass the product from two tiles back as the trigger: at most three tiles are alive.
+    """
+    start, stop = tiles[i]
+    rows = [q[..., start:stop, :] for q in qparams]
+    if len(tiles) == 1:
+        return _dequantize_after(dequantize, triggers[i], rows)
+    with mx.stream(_dequantize_streams()[i % 2]):
+        return _dequantize_after(dequantize, triggers[i], rows)
+
+
+def _tiled_product(
+    dequantize: Callable[..., mx.array],
+    qparams,
+    tiles: list[tuple[int, int]],
+    x: mx.array,
+    multiply: Callable[[mx.array, mx.array], mx.array],
+) -> mx.array:
+    """``multiply(x, W)`` for ``W = dequantize(*qparams)``, one tile of W's output rows at a time,
+    the outputs concatenated along their last axis."""
+    outputs, triggers = [], [x, x]
+    for i in range(len(tiles)):
+        outputs.append(multiply(x, _dequantize_tile(dequantize, qparams, tiles, i, triggers)))
+        triggers.append(outputs[-1])
+    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=-1)
+
+
+def _tiled_input_grad(
+    dequantize: Callable[..., mx.array],
+    qparams,
+    tiles: list[tuple[int, int]],
+    cotangent: mx.array,
+    multiply: Callable[[mx.array, mx.array], mx.array],
+) -> mx.array:
+    """The sum over tiles of ``multiply(cotangent[..., tile], W[..., tile, :])``: the input gradient
+    of ``_tiled_product``, each tile rebuilt from the codes."""
+    total, triggers = cotangent, [cotangent, cotangent]
+    for i, (start, stop) in enumerate(tiles):
+        part = multiply(cotangent[..., start:stop], _dequantize_tile(dequantize, qparams, tiles, i, triggers))
+        total = part if i == 0 else total + part
+        triggers.append(total)
+    return total
+
+
+def _matmul_t(x: mx.array, w: mx.array) -> mx.array:
+    return x @ w.swapaxes(-1, -2)
+
+
+def _matmul(x: mx.array, w: mx.array) -> mx.array:
+    return x @ w
 
 
 @functools.cache
 def dequantized_matmul(dequantize: Callable[..., mx.array]):
     """``x @ W.T`` with ``W = dequantize(*qparams)`` built for this call only, as a custom function.
 
-    W is cast to the input's dtype. The backward pass (gradient w.r.t. x only: base weights are
-    frozen) rebuilds W rather than keeping it, and ``after`` keeps ``mx.compile`` from merging the
-    two dequantizations back into one W that would live from forward to backward. ``dequantize``
-    must be a module-level function or come from a cached factory (it keys this cache).
+    W is cast to the input's dtype and built a tile of output rows at a time (``weight_tiles``).
+    The backward pass (gradient w.r.t. x only: base weights are frozen) rebuilds W rather than
+    keeping it, and ``after`` keeps ``mx.compile`` from merging the two dequantizations back into
+    one W that would live from forward to backward. ``dequantize`` must be a module-level function
+    or come from a cached factory (it keys this cache).
     """
 
     @mx.custom_function
     def matmul(x, *qparams):
-        return x @ _dequantize_after(dequantize, x, qparams).T
+        tiles = weight_tiles(qparams[0].shape[-2], x.shape[-1], _rows(x))
+        return _tiled_product(dequantize, qparams, tiles, x, _matmul_t)
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, *qparams = primals
-        dense = _dequantize_after(dequantize, cotangent, qparams)
-        return ((cotangent @ dense).astype(x.dtype), *(mx.zeros_like(q) for q in qparams))
+        tiles = weight_tiles(qparams[0].shape[-2], x.shape[-1], _rows(x))
+        dx = _tiled_input_grad(dequantize, qparams, tiles, cotangent, _matmul)
+        return (dx.astype(x.dtype), *(mx.zeros_like(q) for q in qparams))
 
     return matmul
 
@@ -154,19 +247,29 @@ def dequantized_matmul(dequantize: Callable[..., mx.array]):
 @functools.cache
 def dequantized_gather_matmul(dequantize: Callable[..., mx.array], sorted_indices: bool):
     """``mx.gather_mm`` of x with stacked experts ``dequantize(*qparams)`` (X, out, in), all of them
-    dequantized once per call; called as ``(x, *qparams, indices)``. Backward as ``dequantized_matmul``."""
+    dequantized once per call, in tiles of output rows; called as ``(x, *qparams, indices)``.
+    Backward as ``dequantized_matmul``."""
+
+    def tiles_of(x, qparams):
+        return weight_tiles(qparams[0].shape[-2], qparams[0].shape[0] * x.shape[-1], _rows(x))
 
     @mx.custom_function
     def gather(x, *qparams_and_indices):
         *qparams, indices = qparams_and_indices
-        dense = _dequantize_after(dequantize, x, qparams)
-        return mx.gather_mm(x, dense.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+        def multiply(x, w):
+            return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+        return _tiled_product(dequantize, qparams, tiles_of(x, qparams), x, multiply)
 
     @gather.vjp
     def gather_vjp(primals, cotangent, output):
         x, *qparams, indices = primals
-        dense = _dequantize_after(dequantize, cotangent, qparams)
-        dx = mx.gather_mm(cotangent, dense, rhs_indices=indices, sorted_indices=sorted_indices)
+
+        def multiply(cotangent, w):
+            return mx.gather_mm(cotangent, w, rhs_indices=indices, sorted_indices=sorted_indices)
+
+        dx = _tiled_input_grad(dequantize, qparams, tiles_of(x, qparams), cotangent, multiply)
         return (
             sum_to_shape(dx, x.shape).astype(x.dtype),
             *(mx.zeros_like(q) for q in qparams),
@@ -244,8 +347,9 @@ def _shared_dense_matmul(dequantize: Callable[..., mx.array]):
     def matmul_vjp(primals, cotangent, output):
         x, dense, *qparams = primals
         # Rebuilt from the codes: ``dense`` is not referenced here, so it is freed after forward.
-        w = _dequantize_after(dequantize, cotangent, qparams)
-        return ((cotangent @ w).astype(x.dtype), mx.zeros_like(dense), *(mx.zeros_like(q) for q in qparams))
+        tiles = weight_tiles(dense.shape[-2], dense.shape[-1], _rows(x))
+        dx = _tiled_input_grad(dequantize, qparams, tiles, cotangent, _matmul)
+        return (dx.astype(x.dtype), mx.zeros_like(dense), *(mx.zeros_like(q) for q in qparams))
 
     return matmul
 
