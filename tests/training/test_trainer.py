@@ -173,6 +173,21 @@ def test_ctrl_c_then_resume_reaches_the_uninterrupted_weights(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_with_other_batching_warns(tmp_path, capsys):
+    data = copy_task(40)
+    Trainer(tiny_model(), config(tmp_path, max_steps=2, save_every=2), data, **trainer_kwargs()).train()
+    state = json.loads((get_latest_checkpoint(tmp_path / "run") / "training_state.json").read_text())
+    assert (state["batch_size"], state["max_seq_len"], state["seed"]) == (2, 24, TrainingConfig().seed)
+    capsys.readouterr()
+
+    Trainer(tiny_model(), config(tmp_path, max_steps=3), data, **trainer_kwargs()).train(resume=True)
+    assert "different" not in capsys.readouterr().out  # same batching: no warning
+
+    Trainer(tiny_model(), config(tmp_path, max_steps=4, batch_size=3), data, **trainer_kwargs()).train(resume=True)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "different batch size 2 -> 3" in out and "repeats some examples" in out
+
+
 class _NaNAfter(Trainer):
     def __init__(self, *a, bad_steps, **k):
         super().__init__(*a, **k)

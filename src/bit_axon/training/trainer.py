@@ -254,6 +254,23 @@ class Trainer:
                 f"{self.config.grad_accum_steps} batches of {self.config.batch_size} instead of {saved_world} x "
                 f"{self.config.grad_accum_steps}.[/yellow]"
             )
+        changed = [
+            f"{name} {state[key]} -> {value}"
+            for key, name, value in (
+                ("batch_size", "batch size", self.config.batch_size),
+                ("max_seq_len", "max sequence length", self.config.max_seq_len),
+                ("seed", "seed", self.config.seed),
+            )
+            if key in state and state[key] != value
+        ]
+        if changed:
+            # The packed batches, and their shuffled order, depend on all three: batch
+            # ``batches_consumed`` of the new order is not where the old run stopped.
+            self.console.print(
+                f"[yellow]{latest} was written with a different {', '.join(changed)}: the batches are "
+                f"made differently now, so resuming after {self.batches_consumed} of them repeats some "
+                f"examples and skips others.[/yellow]"
+            )
         metrics_file = self.output_dir / METRICS_FILE
         if metrics_file.exists():
             self.history = [
@@ -316,6 +333,9 @@ class Trainer:
             "max_steps": self.config.max_steps,
             "learning_rate": float(self.optimizer.learning_rate.item()),
             "world_size": self.world_size,
+            "batch_size": self.config.batch_size,
+            "max_seq_len": self.config.max_seq_len,
+            "seed": self.config.seed,
         }
         if self.cooling is not None:
             extra.update(self.cooling.status())
