@@ -95,12 +95,15 @@ def test_affine_dequantize_matches_mlx():
         )
 
 
-def test_nf4_word_table_gives_the_byte_table_values(monkeypatch):
-    packed = mx.array(np.random.default_rng(14).integers(0, 2**32, (6, 16), dtype=np.uint64).astype(np.uint32))
-    scales = _gaussian((6, 2), seed=15)
-    fast = np.array(nf4_dequantize(packed, scales))
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_nf4_pair_lookup_gives_the_byte_table_values(monkeypatch, dtype):
+    packed = mx.array(np.random.default_rng(14).integers(0, 2**32, (3, 6, 16), dtype=np.uint64).astype(np.uint32))
+    scales = _gaussian((3, 6, 2), seed=15).astype(dtype)
+    fast = nf4_dequantize(packed, scales)
     monkeypatch.setattr(fast_path, "ENABLED", False)
-    np.testing.assert_array_equal(fast, np.array(nf4_dequantize(packed, scales)))
+    reference = nf4_dequantize(packed, scales)
+    assert fast.dtype == reference.dtype == dtype and fast.shape == reference.shape == (3, 6, 128)
+    np.testing.assert_array_equal(np.array(fast.astype(mx.float32)), np.array(reference.astype(mx.float32)))
 
 
 def test_affine_embedding_as_linear_matches_native(monkeypatch):

@@ -11,7 +11,7 @@ again instead of keeping it, so training holds 4.5 bits per base weight, not 32.
 Only on the CPU device: Metal and CUDA keep MLX's fused quantized kernels. ``BIT_AXON_CPU_DEQUANT=0``
 (read once, at import) turns the routing off and restores the native kernels everywhere, together
 with the other CPU fast paths that consult :func:`cpu_fast_path` (the MoE's blocked expert layout
-in ``bit_axon.layers.moe``, NF4's 16-bit-word lookup). Results match the native kernels to float32
+in ``bit_axon.layers.moe``, NF4's 64-bit pair lookup). Results match the native kernels to float32
 rounding (the same products, summed in another order).
 
 ``calls`` counts, per kind, how often a fast path was put in a graph (at trace time: a compiled

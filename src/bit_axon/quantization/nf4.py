@@ -55,13 +55,13 @@ _CODES_PER_WORD = 8  # 32-bit words / 4-bit codes
 _SHIFTS = mx.arange(0, 32, 4, dtype=mx.uint32)
 _BYTES = mx.arange(256, dtype=mx.uint32)
 _BYTE_TABLE = mx.stack([_CODEBOOK[_BYTES & 0xF], _CODEBOOK[_BYTES >> 4]], axis=-1)  # (256, 2)
-# The four values of every 16-bit word (65536, 4), 1 MB: on the CPU a lookup per word instead of per
-# byte makes dequantization ~15% faster (gathers cost per index). Built once, here, so that a first
-# use inside mx.compile finds a constant rather than the ops that make it.
-_WORDS = mx.arange(1 << 16, dtype=mx.uint32)
-_WORD_TABLE = mx.stack([_CODEBOOK[(_WORDS >> shift) & 0xF] for shift in (0, 4, 8, 12)], axis=-1)
-mx.eval(_WORD_TABLE)
-del _WORDS
+# The same pairs, each as one 64-bit element (256,): MLX's CPU gather costs per gathered element
+# (~16 ns), so the CPU fast path copies one element per byte instead of two floats. Measured on an
+# 8 x 1024 x 1024 stack: ~8 ns per weight against ~9 for a 16-bit-word table of 4 floats (1 MB, it
+# misses the cache) and ~10 for the (256, 2) table. Built here, so that a first use inside
+# mx.compile finds a constant rather than the ops that make it.
+_BYTE_PAIRS = mx.view(_BYTE_TABLE, mx.uint64).reshape(256)
+mx.eval(_BYTE_PAIRS)
 
 
 def nf4_quantize(w: mx.array, group_size: int = 64) -> tuple[mx.array, mx.array]:
@@ -112,14 +112,17 @@ def nf4_dequantize(packed: mx.array, scales: mx.array) -> mx.array:
     # Read the words as bytes (little-endian, as on every MLX platform: byte k holds codes 2k and
     # 2k + 1) and look each byte up in a 256 x 2 table of value pairs: half the gathers of a per-code
     # lookup and no per-code integer temporaries (~2x faster on CPU than unpacking the codes first).
-    # The CPU fast path reads 16-bit words against the 65536 x 4 table: the same values, a quarter
-    # of the gathers.
+    # The CPU fast path gathers each pair as one 64-bit element and reads it back as two float32s
+    # (rounded to the scales' dtype afterwards: the same values as rounding the table first).
+    bytes_ = mx.view(packed, mx.uint8)
     if cpu_fast_path():
-        looked_up = _WORD_TABLE.astype(scales.dtype)[mx.view(packed, mx.uint16)]
+        looked_up = mx.view(_BYTE_PAIRS[bytes_], mx.float32)
+        if scales.dtype != mx.float32:
+            looked_up = looked_up.astype(scales.dtype)
     else:
-        looked_up = _BYTE_TABLE.astype(scales.dtype)[mx.view(packed, mx.uint8)]
-    *lead, n_lookups, per_lookup = looked_up.shape
-    n_in, n_groups = n_lookups * per_lookup, scales.shape[-1]
+        looked_up = _BYTE_TABLE.astype(scales.dtype)[bytes_]
+    *lead, n_words = packed.shape
+    n_in, n_groups = n_words * _CODES_PER_WORD, scales.shape[-1]
     values = looked_up.reshape(*lead, n_groups, n_in // n_groups)
     return (values * scales[..., None]).reshape(*lead, n_in)
 
