@@ -9,9 +9,11 @@ with the fast path on and off (``bit_axon.quantization.fast_path.ENABLED``, what
 MLX's affine kernel of the same shape (the wheel's 4-bit matmul) and, for experts, also with the
 previous NF4 implementation (dequantize + ``gather_mm`` one row per (token, expert) pair). A
 float32 matmul of the same shape is printed for reference. Times are the best of up to
-``--repeats`` runs.
+``--repeats`` runs within ~3 s per measurement (so the slow native rows run fewer times): on a
+shared machine a short fast-path run is easily caught in a burst of another job's work, and with 3
+repeats the fast times of one row varied up to 2x between runs.
 
-    python bench/quant_matmul.py [--tokens 1 16 128 512] [--repeats 3]
+    python bench/quant_matmul.py [--tokens 1 16 128 512] [--repeats 10]
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ def experts(num_experts: int, hidden: int, inter: int, tokens: list[int], repeat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     print(f"BLAS: {blas_in_use()}; device {mx.default_device()}; ratio = native time / fast-path time")
     # Full-size attention projection (2560 x 2560) and the small config's SSM in_proj (1024 x 256).
