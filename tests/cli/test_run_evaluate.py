@@ -47,8 +47,9 @@ def models(tmp_path_factory):
     return {"base": base, "nf4": quantized, "adapter": adapter, "wrong_adapter": wrong_adapter}
 
 
-def chat_ids(tok, text):
-    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+def chat_ids(tok, text, system=None):
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return tok.apply_chat_template([*messages, {"role": "user", "content": text}], add_generation_prompt=True)
 
 
 def assert_one_line_error(result, fragment):
@@ -101,9 +102,7 @@ def test_run_chat(models, qwen_tokenizer):
     # generation from the same rendered prompt gives (a random model's replies may hold newlines).
     model = load_for_inference(models["base"])
     replies = [
-        generate(model, qwen_tokenizer, qwen_tokenizer.apply_chat_template(
-            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}], add_generation_prompt=True),
-            max_tokens=3)
+        generate(model, qwen_tokenizer, chat_ids(qwen_tokenizer, text, system="Be brief."), max_tokens=3)
         for text in ("Hi!", "Again")
     ]
     assert result.stdout == "".join(reply + "\n" for reply in replies)
