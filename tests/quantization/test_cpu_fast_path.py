@@ -191,10 +191,9 @@ def test_nf4_decoding_dequantizes_only_the_chosen_experts():
 
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["whole", "tiled"])
-def test_dora_shared_dequantization_matches_native(monkeypatch, tiled):
+def test_dora_shared_dequantization_matches_native(monkeypatch, request, tiled):
     if tiled:  # the backward pass rebuilds the weight in tiles (the forward shares the whole one)
-        monkeypatch.setattr(fast_path, "TILE_VALUES", 1000)
-        monkeypatch.setattr(fast_path, "MIN_TILE_ROWS", 1)
+        request.getfixturevalue("small_tiles")
     layer = DoRALinear.from_base(_affine_linear(seed=3), r=4, scale=2.0)
     layer.lora_b = _gaussian(layer.lora_b.shape, seed=11, std=0.1)
     x = _gaussian((12, 256), seed=12)
