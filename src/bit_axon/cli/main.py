@@ -38,6 +38,9 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug
     # Keep third-party debug chatter out of --verbose; it is about bit_axon.
     for name in ("matplotlib", "PIL", "urllib3", "httpx", "filelock", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The one-time ~20 s kernel build would otherwise look like a hang.
+    if not verbose:
+        logging.getLogger("bit_axon.quantization.cpu_kernels").setLevel(logging.INFO)
     from bit_axon.blas import blas_in_use
 
     # The preload ran at import, before logging was configured: say it again now.

@@ -11,8 +11,9 @@ again instead of keeping it, so training holds 4.5 bits per base weight, not 32.
 Only on the CPU device: Metal and CUDA keep MLX's fused quantized kernels. ``BIT_AXON_CPU_DEQUANT=0``
 (read once, at import) turns the routing off and restores the native kernels everywhere, together
 with the other CPU fast paths that consult :func:`cpu_fast_path` (the MoE's blocked expert layout
-in ``bit_axon.layers.moe``, NF4's 64-bit pair lookup). Results match the native kernels to float32
-rounding (the same products, summed in another order).
+in ``bit_axon.layers.moe``, the compiled dequantization kernels of ``cpu_kernels`` and NF4's
+64-bit pair lookup, their fallback). Results match the native kernels to float32 rounding (the
+same products, summed in another order).
 
 ``calls`` counts, per kind, how often a fast path was put in a graph (at trace time: a compiled
 step traces once), for tests and benchmarks.
@@ -25,6 +26,8 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable
+
+from bit_axon.quantization import cpu_kernels
 
 import mlx.core as mx
 
@@ -104,11 +107,25 @@ def _affine_unpacker(bits: int):
 def affine_dequantize(
     w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
 ) -> mx.array:
+    """``mx.dequantize`` of MLX's affine format: on the CPU fast path the compiled kernel of
+    ``cpu_kernels`` where it loads, else :func:`affine_dequantize_ops` (the same values)."""
+    if _unpackable(w, scales, group_size, bits) and cpu_fast_path() and (kernels := cpu_kernels.load()):
+        return kernels.affine_dequantize(w, scales, biases, bits)
+    return affine_dequantize_ops(w, scales, biases, group_size, bits)
+
+
+def affine_dequantize_ops(
+    w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
+) -> mx.array:
     """``mx.dequantize`` of MLX's affine format, as one fused pass where the bit width allows."""
-    words_per_group = group_size * bits // 32
-    if bits in (2, 4, 8) and w.shape[-1] == scales.shape[-1] * words_per_group:
+    if _unpackable(w, scales, group_size, bits):
         return _affine_unpacker(bits)(w, scales, biases)
     return mx.dequantize(w, scales, biases, group_size, bits)
+
+
+def _unpackable(w: mx.array, scales: mx.array, group_size: int, bits: int) -> bool:
+    """Whether codes split evenly into words (2, 4, 8 bits) and the shapes agree with ``group_size``."""
+    return bits in (2, 4, 8) and w.shape[-1] == scales.shape[-1] * (group_size * bits // 32)
 
 
 @functools.cache

@@ -1,0 +1,258 @@
+// CPU dequantization kernels for 4-bit weights, as MLX primitives (see cpu_kernels.py).
+//
+// MLX's CPU backend has no fused lookup: NF4 through mx.take costs ~10 ns per gathered element,
+// and the compiled affine unpacking ~2.5 ns per weight. These loops write each weight once, ~1 ns.
+// They compute exactly what the MLX-op versions in nf4.py and fast_path.py compute, in the same
+// dtype and order (value * scale, then + bias, each rounded to the scales' dtype), so results are
+// unchanged; cpu_kernels.py checks that on load and falls back to the MLX ops otherwise.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/variant.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+// The NF4 data type (QLoRA, Appendix E), as float32 like NF4_CODEBOOK in nf4.py.
+constexpr float kNF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// Rows are the last axis: packed words (..., words) and per-group parameters (..., groups), any
+// strides (slices of a stacked weight are not contiguous); the output is contiguous.
+struct RowLayout {
+  mx::Shape lead;
+  std::vector<mx::Strides> strides;  // per input: leading-axis strides, then the last axis's
+
+  RowLayout(const std::vector<mx::array>& inputs)
+      : lead(inputs[0].shape().begin(), inputs[0].shape().end() - 1) {
+    for (auto& a : inputs) {
+      strides.emplace_back(a.strides().begin(), a.strides().end());
+    }
+  }
+
+  int64_t rows() const {
+    int64_t n = 1;
+    for (auto d : lead) n *= d;
+    return n;
+  }
+
+  // Element offset of row `r` in input `i`.
+  int64_t offset(int64_t r, size_t i) const {
+    int64_t off = 0;
+    for (int d = static_cast<int>(lead.size()) - 1; d >= 0; --d) {
+      off += (r % lead[d]) * strides[i][d];
+      r /= lead[d];
+    }
+    return off;
+  }
+
+  int64_t last_stride(size_t i) const { return strides[i].back(); }
+};
+
+template <typename T>
+void nf4_rows(const uint32_t* packed, const T* scales, T* out, const RowLayout& layout,
+              int64_t words, int64_t groups) {
+  // Rounded to T first, as nf4.py does (the table is cast to the scales' dtype).
+  T table[16];
+  for (int i = 0; i < 16; ++i) table[i] = static_cast<T>(kNF4[i]);
+  const int64_t words_per_group = words / groups;
+  const int64_t ws = layout.last_stride(0), ss = layout.last_stride(1);
+  for (int64_t r = 0, rows = layout.rows(); r < rows; ++r) {
+    const uint32_t* p = packed + layout.offset(r, 0);
+    const T* s = scales + layout.offset(r, 1);
+    T* o = out + r * words * 8;
+    for (int64_t g = 0; g < groups; ++g) {
+      const T scale = s[g * ss];
+      for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; ++w) {
+        const uint32_t word = p[w * ws];
+        for (int k = 0; k < 8; ++k) {
+          o[w * 8 + k] = table[(word >> (4 * k)) & 0xF] * scale;
+        }
+      }
+    }
+  }
+}
+
+// BITS is a template parameter so that the per-word loop has constant shifts and unrolls.
+template <typename T, int BITS>
+void affine_rows(const uint32_t* packed, const T* scales, const T* biases, T* out,
+                 const RowLayout& layout, int64_t words, int64_t groups) {
+  constexpr int per_word = 32 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  const int64_t words_per_group = words / groups;
+  const int64_t ws = layout.last_stride(0), ss = layout.last_stride(1), bs = layout.last_stride(2);
+  for (int64_t r = 0, rows = layout.rows(); r < rows; ++r) {
+    const uint32_t* p = packed + layout.offset(r, 0);
+    const T* s = scales + layout.offset(r, 1);
+    const T* b = biases + layout.offset(r, 2);
+    T* o = out + r * words * per_word;
+    for (int64_t g = 0; g < groups; ++g) {
+      const T scale = s[g * ss], bias = b[g * bs];
+      for (int64_t w = g * words_per_group; w < (g + 1) * words_per_group; ++w) {
+        const uint32_t word = p[w * ws];
+        for (int k = 0; k < per_word; ++k) {
+          // Two roundings, as the MLX ops: (code * scale) in T, then + bias in T.
+          const T scaled = static_cast<T>((word >> (BITS * k)) & mask) * scale;
+          o[w * per_word + k] = scaled + bias;
+        }
+      }
+    }
+  }
+}
+
+// Calls f with a value of the C++ type of `dtype` (the scales' dtype).
+template <typename F>
+void dispatch_float(mx::Dtype dtype, F&& f) {
+  switch (dtype) {
+    case mx::float32:
+      return f(float{});
+    case mx::bfloat16:
+      return f(mx::bfloat16_t{});
+    case mx::float16:
+      return f(mx::float16_t{});
+    default:
+      throw std::invalid_argument("[bit_axon] dequantize: scales must be float32, bfloat16 or float16");
+  }
+}
+
+class Dequantize : public mx::UnaryPrimitive {
+ public:
+  // bits == 0 means NF4 (inputs: packed, scales); otherwise affine (packed, scales, biases).
+  Dequantize(mx::Stream stream, int bits) : mx::UnaryPrimitive(stream), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    const int64_t words = inputs[0].shape(-1), groups = inputs[1].shape(-1);
+    const uint32_t* packed = inputs[0].data<uint32_t>();
+    dispatch_float(out.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* scales = inputs[1].data<T>();
+      T* o = out.data<T>();
+      RowLayout layout(inputs);
+      if (bits_ == 0) {
+        encoder.dispatch([=, layout = std::move(layout)]() {
+          nf4_rows<T>(packed, scales, o, layout, words, groups);
+        });
+      } else {
+        const T* biases = inputs[2].data<T>();
+        auto rows = bits_ == 2 ? affine_rows<T, 2> : bits_ == 4 ? affine_rows<T, 4> : affine_rows<T, 8>;
+        encoder.dispatch([=, layout = std::move(layout)]() {
+          rows(packed, scales, biases, o, layout, words, groups);
+        });
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[bit_axon] the dequantization kernels run on the CPU only");
+  }
+
+  // Gradients w.r.t. scales (and biases) only: the codes are integers. Base weights are frozen,
+  // so training never asks for these; they keep the op differentiable like the MLX-op version.
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>&) override {
+    auto& ct = cotangents[0];
+    auto& scales = primals[1];
+    mx::Shape grouped = scales.shape();
+    grouped.push_back(-1);
+    auto per_group = [&](const mx::array& a) {
+      return mx::sum(mx::reshape(a, grouped, stream()), -1, false, stream());
+    };
+    std::vector<mx::array> grads;
+    for (int i : argnums) {
+      if (i == 0) {
+        grads.push_back(mx::zeros_like(primals[0], stream()));
+      } else if (i == 1) {
+        // d value / d scale: the code's value at scale 1 (and bias 0).
+        std::vector<mx::array> unit = {primals[0], mx::ones_like(scales, stream())};
+        if (bits_ != 0) unit.push_back(mx::zeros_like(scales, stream()));
+        auto values = mx::array(ct.shape(), scales.dtype(), std::make_shared<Dequantize>(stream(), bits_),
+                                std::move(unit));
+        grads.push_back(mx::astype(per_group(mx::multiply(ct, values, stream())), scales.dtype(), stream()));
+      } else {
+        grads.push_back(mx::astype(per_group(ct), primals[2].dtype(), stream()));
+      }
+    }
+    return grads;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() *= bits_ == 0 ? 8 : 32 / bits_;
+    return {shape};
+  }
+
+  const char* name() const override { return bits_ == 0 ? "NF4Dequantize" : "AffineDequantize"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return bits_ == static_cast<const Dequantize&>(other).bits_;
+  }
+
+ private:
+  int bits_;
+};
+
+void check_inputs(const std::vector<mx::array>& inputs) {
+  auto& packed = inputs[0];
+  if (packed.dtype() != mx::uint32 || packed.ndim() == 0) {
+    throw std::invalid_argument("[bit_axon] dequantize: packed weights must be a uint32 array");
+  }
+  for (size_t i = 1; i < inputs.size(); ++i) {
+    auto& a = inputs[i];
+    if (a.dtype() != inputs[1].dtype()) {
+      throw std::invalid_argument("[bit_axon] dequantize: scales and biases must share a dtype");
+    }
+    if (a.ndim() != packed.ndim() ||
+        !std::equal(a.shape().begin(), a.shape().end() - 1, packed.shape().begin())) {
+      throw std::invalid_argument("[bit_axon] dequantize: scales must match the packed weights' leading shape");
+    }
+  }
+  const int64_t groups = inputs[1].shape(-1);
+  if (groups == 0 || packed.shape(-1) % groups != 0) {
+    throw std::invalid_argument("[bit_axon] dequantize: the number of groups must divide the packed words");
+  }
+}
+
+mx::array make_dequantize(std::vector<mx::array> inputs, int bits, mx::StreamOrDevice s) {
+  check_inputs(inputs);
+  auto shape = inputs[0].shape();
+  shape.back() *= bits == 0 ? 8 : 32 / bits;
+  auto dtype = inputs[1].dtype();
+  return mx::array(std::move(shape), dtype, std::make_shared<Dequantize>(mx::to_stream(s), bits),
+                   std::move(inputs));
+}
+
+mx::array nf4_dequantize(const mx::array& packed, const mx::array& scales, mx::StreamOrDevice s) {
+  return make_dequantize({packed, scales}, 0, s);
+}
+
+mx::array affine_dequantize(const mx::array& packed, const mx::array& scales, const mx::array& biases,
+                            int bits, mx::StreamOrDevice s) {
+  if (bits != 2 && bits != 4 && bits != 8) {
+    throw std::invalid_argument("[bit_axon] affine_dequantize: bits must be 2, 4 or 8");
+  }
+  return make_dequantize({packed, scales, biases}, bits, s);
+}
+
+}  // namespace
+
+NB_MODULE(_bit_axon_cpu_kernels, m) {
+  m.doc() = "Bit-Axon's CPU dequantization kernels (built by bit_axon.quantization.cpu_kernels)";
+  m.def("nf4_dequantize", &nf4_dequantize, nb::arg("packed"), nb::arg("scales"), nb::kw_only(),
+        nb::arg("stream") = nb::none());
+  m.def("affine_dequantize", &affine_dequantize, nb::arg("packed"), nb::arg("scales"), nb::arg("biases"),
+        nb::arg("bits"), nb::kw_only(), nb::arg("stream") = nb::none());
+}
