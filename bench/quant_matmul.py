@@ -7,7 +7,9 @@ with the fast path on and off (``bit_axon.quantization.fast_path.ENABLED``, what
 ``BIT_AXON_CPU_DEQUANT=0`` sets at start-up), and the ratio. Off means MLX's own kernels:
 ``quantized_matmul`` / ``gather_qmm`` for affine. NF4 has no MLX kernel: its rows compare with
 MLX's affine kernel of the same shape (the wheel's 4-bit matmul) and, for experts, also with the
-previous NF4 implementation (dequantize + ``gather_mm`` one row per (token, expert) pair). A
+previous NF4 implementation (dequantize + ``gather_mm`` one row per (token, expert) pair). Rows
+marked "MLX-op dequant" run the same fast path with dequantization by MLX ops instead of the compiled
+kernels of ``bit_axon.quantization.cpu_kernels`` (what ``BIT_AXON_CPU_KERNELS=0`` does). A
 float32 matmul of the same shape is printed for reference. Times are the best of up to
 ``--repeats`` runs within ~3 s per measurement (so the slow native rows run fewer times): on a
 shared machine a short fast-path run is easily caught in a burst of another job's work, and with 3
@@ -19,6 +21,7 @@ repeats the fast times of one row varied up to 2x between runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 # isort: off
@@ -32,6 +35,7 @@ from bit_axon.quantization import (
     NF4SwitchLinear,
     QuantizedLinear,
     QuantizedSwitchLinear,
+    cpu_kernels,
     fast_path,
 )
 
@@ -64,20 +68,42 @@ def fwd_bwd(f):
     return run
 
 
-def timed_pair(f, x, repeats: int) -> tuple[float, float, float, float]:
-    """(forward, forward + backward) with the fast path on, then off."""
+@contextlib.contextmanager
+def mlx_op_dequantization():
+    """The fast path with MLX-op dequantization instead of the compiled kernels."""
+    cpu_kernels.ENABLED = False
+    cpu_kernels.load.cache_clear()
+    try:
+        yield
+    finally:
+        cpu_kernels.ENABLED = True
+        cpu_kernels.load.cache_clear()
+
+
+def timed_pair(f, x, repeats: int) -> tuple[float, ...]:
+    """(forward, forward + backward) with the fast path on, then off, then (if the compiled kernels
+    load) on with MLX-op dequantization."""
     out = []
     for enabled in (True, False):
         fast_path.ENABLED = enabled
         out += [best_time(lambda: f(x), repeats), best_time(lambda: fwd_bwd(f)(x), repeats)]
     fast_path.ENABLED = True
-    return out[0], out[1], out[2], out[3]
+    if cpu_kernels.load() is not None:
+        with mlx_op_dequantization():
+            out += [best_time(lambda: f(x), repeats), best_time(lambda: fwd_bwd(f)(x), repeats)]
+    return tuple(out)
+
+
+def op_rows(label: str, tokens: int, times: tuple[float, ...], native: tuple[float, float]) -> None:
+    """The row of the fast path with MLX-op dequantization, when it was measured."""
+    if len(times) > 4:
+        row(f"{label} (MLX-op dequant)", tokens, times[4:6], native)
 
 
 def row(label: str, tokens: int, fast: tuple[float, float], native: tuple[float, float], extra: str = "") -> None:
     ms = [1e3 * t for t in (*fast, *native)]
     print(
-        f"{label:<26}{tokens:>7}{ms[2]:>11.1f}{ms[0]:>9.1f}{ms[2] / ms[0]:>8.1f}x"
+        f"{label:<42}{tokens:>7}{ms[2]:>11.1f}{ms[0]:>9.1f}{ms[2] / ms[0]:>8.1f}x"
         f"{ms[3]:>11.1f}{ms[1]:>9.1f}{ms[3] / ms[1]:>8.1f}x  {extra}"
     )
 
@@ -85,7 +111,7 @@ def row(label: str, tokens: int, fast: tuple[float, float], native: tuple[float,
 def header(title: str) -> None:
     print(f"\n{title}")
     print(
-        f"{'layer':<26}{'tokens':>7}{'native ms':>11}{'fast ms':>9}{'ratio':>9}"
+        f"{'layer':<42}{'tokens':>7}{'native ms':>11}{'fast ms':>9}{'ratio':>9}"
         f"{'nat. f+b':>11}{'fast f+b':>9}{'ratio':>9}"
     )
 
@@ -105,9 +131,11 @@ def dense(shapes: list[tuple[int, int]], tokens: list[int], repeats: int) -> Non
             n = timed_pair(nf4, x, repeats)
             f32 = best_time(lambda x=x, w=w: x @ w.T, repeats)
             affine_label = f"affine {out_dims}x{in_dims}"
-            row(affine_label, t, a[:2], a[2:], f"(float32 matmul {1e3 * f32:.1f} ms)")
+            row(affine_label, t, a[:2], a[2:4], f"(float32 matmul {1e3 * f32:.1f} ms)")
+            op_rows(affine_label, t, a, a[2:4])
             # NF4 has no native kernel: its reference is MLX's affine kernel, the wheel's 4-bit matmul.
-            row(f"nf4 {out_dims}x{in_dims} vs affine", t, n[:2], a[2:])
+            row(f"nf4 {out_dims}x{in_dims} vs affine", t, n[:2], a[2:4])
+            op_rows(f"nf4 {out_dims}x{in_dims} vs affine", t, n, a[2:4])
 
 
 def experts(num_experts: int, hidden: int, inter: int, tokens: list[int], repeats: int) -> None:
@@ -128,13 +156,15 @@ def experts(num_experts: int, hidden: int, inter: int, tokens: list[int], repeat
             indices = mx.random.randint(0, num_experts, (t, 2))
             r = timed_pair(lambda x, indices=indices, glu=glu: glu(x, indices), x, repeats)
             if kind == "affine":
-                affine_native[t] = r[2:]
-                row("affine experts", t, r[:2], r[2:])
+                affine_native[t] = r[2:4]
+                row("affine experts", t, r[:2], r[2:4])
+                op_rows("affine experts", t, r, r[2:4])
             else:
                 # Against the wheel's 4-bit kernel (affine gather_qmm), as for the dense layers, and
                 # against the NF4 code before the fast path (dequantize, then one row per pair).
                 row("nf4 experts vs affine", t, r[:2], affine_native[t])
-                row("nf4 experts vs prev. nf4", t, r[:2], r[2:])
+                op_rows("nf4 experts vs affine", t, r, affine_native[t])
+                row("nf4 experts vs prev. nf4", t, r[:2], r[2:4])
 
 
 def main() -> None:
@@ -142,7 +172,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    print(f"BLAS: {blas_in_use()}; device {mx.default_device()}; ratio = native time / fast-path time")
+    kernels = "compiled" if cpu_kernels.load() is not None else "MLX ops (the compiled kernels did not load)"
+    print(f"BLAS: {blas_in_use()}; device {mx.default_device()}; dequantization: {kernels}")
+    print("ratio = native time / fast-path time")
     # Full-size attention projection (2560 x 2560) and the small config's SSM in_proj (1024 x 256).
     dense([(2560, 2560), (1024, 256)], args.tokens, args.repeats)
     # MoE experts at a reduced width (the full config is 8 x 4096 x 2560) to keep the run short.
