@@ -118,7 +118,7 @@ void dispatch_float(mx::Dtype dtype, F&& f) {
       return f(mx::bfloat16_t{});
     case mx::float16:
       return f(mx::float16_t{});
-    default:
+    default:  // (check_inputs refuses other dtypes before a graph is built)
       throw std::invalid_argument("[bit_axon] dequantize: scales must be float32, bfloat16 or float16");
   }
 }
@@ -210,9 +210,13 @@ void check_inputs(const std::vector<mx::array>& inputs) {
   if (packed.dtype() != mx::uint32 || packed.ndim() == 0) {
     throw std::invalid_argument("[bit_axon] dequantize: packed weights must be a uint32 array");
   }
+  const auto dtype = inputs[1].dtype();
+  if (dtype != mx::float32 && dtype != mx::bfloat16 && dtype != mx::float16) {
+    throw std::invalid_argument("[bit_axon] dequantize: scales must be float32, bfloat16 or float16");
+  }
   for (size_t i = 1; i < inputs.size(); ++i) {
     auto& a = inputs[i];
-    if (a.dtype() != inputs[1].dtype()) {
+    if (a.dtype() != dtype) {
       throw std::invalid_argument("[bit_axon] dequantize: scales and biases must share a dtype");
     }
     if (a.ndim() != packed.ndim() ||
