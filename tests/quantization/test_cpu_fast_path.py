@@ -4,7 +4,14 @@ CPU, and no float copy of the weights kept for the backward pass."""
 from __future__ import annotations
 
 import bit_axon  # noqa: F401  (BLAS before mlx)
-from bit_axon.layers.moe import EXPERT_BLOCK, SwitchGLU, SwitchLinear, expert_blocks
+from bit_axon.layers.moe import (
+    EXPERT_BLOCK,
+    SMALL_BLOCK_PAIRS_PER_EXPERT,
+    SMALL_EXPERT_BLOCK,
+    SwitchGLU,
+    SwitchLinear,
+    expert_blocks,
+)
 from bit_axon.quantization import (
     NF4Embedding,
     NF4Linear,
@@ -138,13 +145,15 @@ def _glu(kind: str, seed: int = 0) -> SwitchGLU:
     return glu
 
 
+@pytest.mark.parametrize("block", [EXPERT_BLOCK, SMALL_EXPERT_BLOCK])
 @pytest.mark.parametrize("kind", ["float", "nf4", "affine"])
-def test_blocked_experts_match_the_row_layout_and_native_kernels(monkeypatch, kind):
+def test_blocked_experts_match_the_row_layout_and_native_kernels(monkeypatch, kind, block):
     glu = _glu(kind)
-    pairs = 4 * EXPERT_BLOCK + 2  # enough (token, expert) pairs for the blocked layout
+    # Enough (token, expert) pairs over 4 experts for blocks of this size.
+    pairs = 4 * (EXPERT_BLOCK if block == EXPERT_BLOCK else SMALL_BLOCK_PAIRS_PER_EXPERT) + 2
     x = _gaussian((1, pairs // 2, 64), seed=7)
     indices = mx.array(np.random.default_rng(8).integers(0, 4, (1, pairs // 2, 2)).astype(np.int32))
-    assert expert_blocks(indices.size, 4) == EXPERT_BLOCK
+    assert expert_blocks(indices.size, 4) == block
     before = fast_path.calls["affine_gather"]
     fast, native = _with_and_without(monkeypatch, lambda x: glu(x, indices), x)
     assert (fast_path.calls["affine_gather"] > before) == (kind == "affine")
@@ -156,7 +165,9 @@ def test_expert_blocks_only_on_the_cpu_fast_path_with_enough_pairs(no_fast_path)
 
 
 def test_expert_blocks_need_enough_pairs():
-    assert expert_blocks(8 * EXPERT_BLOCK - 1, 8) == 0
+    assert expert_blocks(8 * SMALL_BLOCK_PAIRS_PER_EXPERT - 1, 8) == 0
+    assert expert_blocks(8 * SMALL_BLOCK_PAIRS_PER_EXPERT, 8) == SMALL_EXPERT_BLOCK
+    assert expert_blocks(8 * EXPERT_BLOCK - 1, 8) == SMALL_EXPERT_BLOCK
     assert expert_blocks(8 * EXPERT_BLOCK, 8) == EXPERT_BLOCK
 
 
