@@ -25,6 +25,14 @@ constexpr float kNF4[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
+constexpr const char* kScalesDtypeError =
+    "[bit_axon] dequantize: scales must be float32, bfloat16 or float16";
+
+// Values per packed uint32: 8 NF4 codes (bits == 0) or 32 / bits affine codes.
+int values_per_word(int bits) { return bits == 0 ? 8 : 32 / bits; }
+
+mx::array make_dequantize(std::vector<mx::array> inputs, int bits, mx::StreamOrDevice s);
+
 // Rows are the last axis: packed words (..., words) and per-group parameters (..., groups), any
 // strides (slices of a stacked weight are not contiguous); the output is contiguous.
 struct RowLayout {
@@ -119,7 +127,7 @@ void dispatch_float(mx::Dtype dtype, F&& f) {
     case mx::float16:
       return f(mx::float16_t{});
     default:  // (check_inputs refuses other dtypes before a graph is built)
-      throw std::invalid_argument("[bit_axon] dequantize: scales must be float32, bfloat16 or float16");
+      throw std::invalid_argument(kScalesDtypeError);
   }
 }
 
@@ -179,8 +187,7 @@ class Dequantize : public mx::UnaryPrimitive {
         // d value / d scale: the code's value at scale 1 (and bias 0).
         std::vector<mx::array> unit = {primals[0], mx::ones_like(scales, stream())};
         if (bits_ != 0) unit.push_back(mx::zeros_like(scales, stream()));
-        auto values = mx::array(ct.shape(), scales.dtype(), std::make_shared<Dequantize>(stream(), bits_),
-                                std::move(unit));
+        auto values = make_dequantize(std::move(unit), bits_, stream());
         grads.push_back(mx::astype(per_group(mx::multiply(ct, values, stream())), scales.dtype(), stream()));
       } else {
         grads.push_back(mx::astype(per_group(ct), primals[2].dtype(), stream()));
@@ -191,7 +198,7 @@ class Dequantize : public mx::UnaryPrimitive {
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     auto shape = inputs[0].shape();
-    shape.back() *= bits_ == 0 ? 8 : 32 / bits_;
+    shape.back() *= values_per_word(bits_);
     return {shape};
   }
 
@@ -212,7 +219,7 @@ void check_inputs(const std::vector<mx::array>& inputs) {
   }
   const auto dtype = inputs[1].dtype();
   if (dtype != mx::float32 && dtype != mx::bfloat16 && dtype != mx::float16) {
-    throw std::invalid_argument("[bit_axon] dequantize: scales must be float32, bfloat16 or float16");
+    throw std::invalid_argument(kScalesDtypeError);
   }
   for (size_t i = 1; i < inputs.size(); ++i) {
     auto& a = inputs[i];
@@ -233,7 +240,7 @@ void check_inputs(const std::vector<mx::array>& inputs) {
 mx::array make_dequantize(std::vector<mx::array> inputs, int bits, mx::StreamOrDevice s) {
   check_inputs(inputs);
   auto shape = inputs[0].shape();
-  shape.back() *= bits == 0 ? 8 : 32 / bits;
+  shape.back() *= values_per_word(bits);
   auto dtype = inputs[1].dtype();
   return mx::array(std::move(shape), dtype, std::make_shared<Dequantize>(mx::to_stream(s), bits),
                    std::move(inputs));

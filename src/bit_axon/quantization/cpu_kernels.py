@@ -81,7 +81,7 @@ def compile_command(compiler: str, output: Path) -> list[str]:
     """The compiler call that builds the extension into ``output`` (one step: ours and nanobind's sources)."""
     import nanobind
 
-    mlx_lib = _mlx_package() / "lib"
+    mlx_dir = _mlx_package()
     nb_dir = Path(nanobind.include_dir()).parent
     return [
         compiler, "-std=c++20", "-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-DNDEBUG",
@@ -89,9 +89,9 @@ def compile_command(compiler: str, output: Path) -> list[str]:
         # accept and return mx.array objects.
         "-DNB_DOMAIN=mlx",
         f"-I{nanobind.include_dir()}", f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}",
-        f"-I{sysconfig.get_paths()['include']}", f"-I{_mlx_package() / 'include'}",
+        f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}",
         str(SOURCE), str(Path(nanobind.source_dir()) / "nb_combined.cpp"),
-        f"-L{mlx_lib}", "-lmlx", f"-Wl,-rpath,{mlx_lib}",
+        f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}",
         "-o", str(output),
     ]  # fmt: skip
 

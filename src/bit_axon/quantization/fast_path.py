@@ -109,7 +109,8 @@ def affine_dequantize(
 ) -> mx.array:
     """``mx.dequantize`` of MLX's affine format: on the CPU fast path the compiled kernel of
     ``cpu_kernels`` where it loads, else :func:`affine_dequantize_ops` (the same values)."""
-    if _unpackable(w, scales, group_size, bits) and cpu_fast_path() and (kernels := cpu_kernels.load()):
+    kernels = cpu_kernels.load() if cpu_fast_path() and _unpackable(w, scales, group_size, bits) else None
+    if kernels is not None:
         return kernels.affine_dequantize(w, scales, biases, bits)
     return affine_dequantize_ops(w, scales, biases, group_size, bits)
 

@@ -59,10 +59,10 @@ _BYTES = mx.arange(256, dtype=mx.uint32)
 _BYTE_TABLE = mx.stack([_CODEBOOK[_BYTES & 0xF], _CODEBOOK[_BYTES >> 4]], axis=-1)  # (256, 2)
 # The same pairs, each as one 64-bit element (256,): MLX's CPU gather costs per gathered element
 # (~16 ns), so where the compiled kernel (cpu_kernels) is unavailable the CPU fast path copies one
-# element per byte instead of two floats. Measured on an
-# 8 x 1024 x 1024 stack: ~8 ns per weight against ~9 for a 16-bit-word table of 4 floats (1 MB, it
-# misses the cache) and ~10 for the (256, 2) table. Built here, so that a first use inside
-# mx.compile finds a constant rather than the ops that make it.
+# element per byte instead of two floats. Measured on an 8 x 1024 x 1024 stack: ~8 ns per weight
+# against ~9 for a 16-bit-word table of 4 floats (1 MB, it misses the cache) and ~10 for the
+# (256, 2) table. Built here, so that a first use inside mx.compile finds a constant rather than
+# the ops that make it.
 _BYTE_PAIRS = mx.view(_BYTE_TABLE, mx.uint64).reshape(256)
 mx.eval(_BYTE_PAIRS)
 
