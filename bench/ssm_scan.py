@@ -1,7 +1,7 @@
 """Forward+backward time and peak memory of AxonSSM against (a) the plain sequential recurrence and
 (b) mlx-lm's Mamba block at the same dimensions, printed as ratios in one run.
 
-    python bench/ssm_scan.py            # needs the bench extra: pip install -e '.[bench]'
+    python bench/ssm_scan.py
 """
 
 from __future__ import annotations

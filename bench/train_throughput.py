@@ -10,7 +10,7 @@ semantics: the offset is the first token our loss mask trains on).
 
 Printed: tokens/s of real tokens (the examples' own tokens: no padding, no packing separators)
 over the steady-state steps (see ``StepClock``), peak memory of each run, their ratios, and an
-MFU-style ratio (see ``matmul_flops``). Needs the bench extra: ``pip install -e '.[bench]'``.
+MFU-style ratio (see ``matmul_flops``).
 
     python bench/train_throughput.py --steps 16 --batch-size 4 --seq-len 512 --dora --quant nf4
 """

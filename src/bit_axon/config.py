@@ -1,4 +1,4 @@
-"""Model configuration: the fields, defaults and derived sizes of ARCHITECTURE.md."""
+"""Model configuration: the fields, defaults and derived sizes of the Bit-Axon architecture (README, "The model")."""
 
 from __future__ import annotations
 

@@ -189,29 +189,29 @@ class _Porter:
     def __init__(
         self, qwen: QwenConfig, weights: dict[str, mx.array], model: BitAxonModel, expert_noise: float, seed: int
     ):
-        self.q = qwen
-        self.w = weights
+        self.qwen = qwen
+        self.weights = weights
         self.model = model
-        self.c = model.config
+        self.config = model.config
         self.rng = np.random.default_rng(seed)
         self.expert_noise = expert_noise
-        S, H = qwen.hidden_size, self.c.hidden_dim
-        self.res = _prefix_index(S, H)  # Qwen residual coordinate -> Bit-Axon residual coordinate
+        S, H = qwen.hidden_size, self.config.hidden_dim
+        self.residual_index = _prefix_index(S, H)  # Qwen residual coordinate -> Bit-Axon residual coordinate
         self.norm_scale = math.sqrt(S / H) if H > S else 1.0
         self.inner, self.attention_layout = attention_index(
-            qwen.num_attention_heads, qwen.head_dim, self.c.num_heads, self.c.head_dim
+            qwen.num_attention_heads, qwen.head_dim, self.config.num_heads, self.config.head_dim
         )
         self.channels, self.mlp_channels = None, ""
-        routed = self.c.moe_top_k / self.c.moe_num_experts
-        self.moe_scale = 1.0 / ((0.5 if self.c.moe_shared_expert else 0.0) + routed)
+        routed = self.config.moe_top_k / self.config.moe_num_experts
+        self.moe_scale = 1.0 / ((0.5 if self.config.moe_shared_expert else 0.0) + routed)
 
     def get(self, key: str) -> np.ndarray:
-        if key not in self.w:
+        if key not in self.weights:
             raise ValueError(f"Qwen checkpoint has no tensor {key!r}")
-        return _np(self.w[key])
+        return _np(self.weights[key])
 
     def attention(self, block: AxonSWAMoEBlock, j: int) -> None:
-        q, H = self.q, self.c.hidden_dim
+        q, H = self.qwen, self.config.hidden_dim
         p = f"model.layers.{j}.self_attn."
         group = q.num_attention_heads // q.num_key_value_heads
 
@@ -221,19 +221,19 @@ class _Porter:
             return np.repeat(heads, group, axis=0).reshape(q.inner_dim, -1)
 
         attn = block.attention
-        wq = _place(np.zeros((H, H), np.float32), self.get(p + "q_proj.weight"), self.inner, self.res)
-        wk = _place(_np(attn.k_proj.weight), repeat_kv(self.get(p + "k_proj.weight")), self.inner, self.res)
-        wv = _place(_np(attn.v_proj.weight), repeat_kv(self.get(p + "v_proj.weight")), self.inner, self.res)
-        wo = _place(np.zeros((H, H), np.float32), self.get(p + "o_proj.weight"), self.res, self.inner)
+        wq = _place(np.zeros((H, H), np.float32), self.get(p + "q_proj.weight"), self.inner, self.residual_index)
+        wk = _place(_np(attn.k_proj.weight), repeat_kv(self.get(p + "k_proj.weight")), self.inner, self.residual_index)
+        wv = _place(_np(attn.v_proj.weight), repeat_kv(self.get(p + "v_proj.weight")), self.inner, self.residual_index)
+        wo = _place(np.zeros((H, H), np.float32), self.get(p + "o_proj.weight"), self.residual_index, self.inner)
         attn.q_proj.weight, attn.k_proj.weight = mx.array(wq), mx.array(wk)
         attn.v_proj.weight, attn.o_proj.weight = mx.array(wv), mx.array(wo)
         block.input_norm.weight = self._norm(f"model.layers.{j}.input_layernorm.weight")
 
     def _norm(self, key: str) -> mx.array:
-        return _norm_weight(self.get(key), self.c.hidden_dim, self.norm_scale)
+        return _norm_weight(self.get(key), self.config.hidden_dim, self.norm_scale)
 
     def _select_channels(self, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
-        inter, F = gate.shape[0], self.c.moe_intermediate_dim
+        inter, F = gate.shape[0], self.config.moe_intermediate_dim
         if inter <= F:
             self.mlp_channels = "all"
             return np.arange(inter)
@@ -248,29 +248,29 @@ class _Porter:
         p = f"model.layers.{j}.mlp."
         gate, up, down = (self.get(p + f"{n}_proj.weight") for n in ("gate", "up", "down"))
         channels = self._select_channels(gate, up, down)
-        moe, H, F = block.moe, self.c.hidden_dim, self.c.moe_intermediate_dim
+        moe, H, F = block.moe, self.config.hidden_dim, self.config.moe_intermediate_dim
         down = down * self.moe_scale
 
         def expert(fresh_gate: np.ndarray, fresh_up: np.ndarray, noise: float) -> tuple[np.ndarray, ...]:
-            g = _place(fresh_gate, gate, channels, self.res)
-            u = _place(fresh_up, up, channels, self.res)
-            d = _place(np.zeros((H, F), np.float32), down, self.res, channels)
+            g = _place(fresh_gate, gate, channels, self.residual_index)
+            u = _place(fresh_up, up, channels, self.residual_index)
+            d = _place(np.zeros((H, F), np.float32), down, self.residual_index, channels)
             if noise:
                 g, u, d = (w * (1 + noise * self.rng.standard_normal(w.shape, dtype=np.float32)) for w in (g, u, d))
             return g, u, d
 
-        if self.c.moe_shared_expert:
+        if self.config.moe_shared_expert:
             shared = moe.shared_expert
             g, u, d = expert(_np(shared.gate_proj.weight), _np(shared.up_proj.weight), 0.0)
             shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight = map(mx.array, (g, u, d))
             moe.shared_expert_gate.weight = mx.zeros((1, H))
         mlp = moe.switch_mlp
         fresh_g, fresh_u = _np(mlp.gate_proj.weight), _np(mlp.up_proj.weight)
-        stacked = [expert(fresh_g[e], fresh_u[e], self.expert_noise) for e in range(self.c.moe_num_experts)]
+        stacked = [expert(fresh_g[e], fresh_u[e], self.expert_noise) for e in range(self.config.moe_num_experts)]
         mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight = (
             mx.array(np.stack(ws)) for ws in zip(*stacked, strict=True)
         )
-        router = self.rng.normal(0, ROUTER_INIT_STD, (self.c.moe_num_experts, H))
+        router = self.rng.normal(0, ROUTER_INIT_STD, (self.config.moe_num_experts, H))
         moe.gate.weight = mx.array(router.astype(np.float32))
         post = f"model.layers.{j}.post_attention_layernorm.weight"
         if isinstance(block, AxonSWAMoEBlock):
@@ -346,7 +346,7 @@ def port_qwen(
     width = min(S, H)
 
     model.embed_tokens.weight = embed.astype(mx.float32)
-    p = _place(np.zeros((H, S), np.float32), np.eye(S, dtype=np.float32), porter.res, np.arange(S))
+    p = _place(np.zeros((H, S), np.float32), np.eye(S, dtype=np.float32), porter.residual_index, np.arange(S))
     model.input_proj.weight = mx.array(p)
     ids = calibration_ids(config, calibration_tokens, seed)
     x = model.input_proj(model.embed_tokens(ids))
