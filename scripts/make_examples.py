@@ -5,6 +5,11 @@
 The tasks are ones a tiny model visibly learns in a few hundred CPU steps: small sums and
 differences, the day or month after/before another, upper-casing and reversing short words,
 opposites and plurals. ORPO pairs put a correct answer against a plausible wrong one.
+
+``tickets*.jsonl`` is the demo's task for a real pretrained model (SmolLM2-135M-Instruct): route a
+customer-support message to one of four teams, answering with the team's name alone. An instruct
+model of that size answers with a sentence, or the wrong team; a few hundred LoRA steps teach it
+both the format and the routing (``bit-axon demo`` measures the exact-match accuracy before/after).
 """
 
 from __future__ import annotations
@@ -40,6 +45,39 @@ SYSTEM_PROMPTS = [
     "You are a concise assistant. Answer in one short sentence.",
     "You are a friendly tutor who answers questions about numbers and words.",
 ]
+
+TEAMS = ("billing", "shipping", "technical", "account")
+TICKET_QUESTION = "Which team should handle this message: billing, shipping, technical or account?"
+PRODUCTS = ["headphones", "coffee maker", "desk lamp", "backpack", "keyboard", "blender", "phone case", "jacket"]
+TICKET_PROBLEMS = {
+    "billing": [
+        "I was charged twice for my {product}.", "My invoice shows {amount} but I paid less.",
+        "Please refund the {amount} you took last week.", "Why did my card get charged {amount} again?",
+        "The discount code was not applied to my bill.", "I cancelled but you still billed me {amount}.",
+        "Can I get a receipt for the {product} payment?", "My subscription price went up without notice.",
+    ],
+    "shipping": [
+        "My {product} has not arrived yet.", "The tracking number for order {order} does not work.",
+        "The box with my {product} came damaged.", "Order {order} was delivered to the wrong address.",
+        "When will my {product} be shipped?", "The courier left my parcel outside in the rain.",
+        "I need to change the delivery address for order {order}.", "My package is stuck in customs.",
+    ],
+    "technical": [
+        "The app crashes when I open settings.", "My {product} will not turn on after the update.",
+        "I get error {code} when I try to sync.", "The bluetooth on my {product} keeps disconnecting.",
+        "The website shows a blank page on my phone.", "The firmware update for my {product} failed.",
+        "Error {code} appears every time I start it.", "The {product} makes a buzzing noise and restarts.",
+    ],
+    "account": [
+        "I forgot my password and the reset email never comes.", "Please delete my account.",
+        "I cannot log in with my new email address.", "Someone else changed my account email.",
+        "How do I change the name on my profile?", "My account was locked after three tries.",
+        "I want to merge my two accounts.", "The two-factor code is not accepted.",
+    ],
+}
+TICKET_OPENERS = ["", "Hello, ", "Hi team, ", "Good morning. ", "Hey, ", "Dear support, "]
+TICKET_CLOSERS = ["", " Thanks.", " Please help.", " This is urgent.", " Thank you in advance.", " Regards, {name}."]
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun"]
 
 # A task returns (question, correct answer, plausible wrong answer).
 Task = Callable[[random.Random], tuple[str, str, str]]
@@ -134,6 +172,35 @@ def preference(rng: random.Random) -> dict:
     }
 
 
+# The last two phrasings of each team are kept for validation: held-out accuracy measures routing
+# messages worded as none of the training ones are, not recall of the training phrasings.
+HELD_OUT_PHRASINGS = 2
+
+
+def ticket(rng: random.Random, held_out: bool = False) -> tuple[str, str, str]:
+    """(prompt, team, another team) for one synthetic support message."""
+    team = rng.choice(TEAMS)
+    phrasings = TICKET_PROBLEMS[team]
+    phrasings = phrasings[-HELD_OUT_PHRASINGS:] if held_out else phrasings[:-HELD_OUT_PHRASINGS]
+    problem = rng.choice(phrasings).format(
+        product=rng.choice(PRODUCTS), amount=f"${rng.randint(5, 300)}", order=f"#{rng.randint(1000, 9999)}",
+        code=rng.randint(100, 999),
+    )
+    message = rng.choice(TICKET_OPENERS) + problem + rng.choice(TICKET_CLOSERS).format(name=rng.choice(NAMES))
+    wrong = rng.choice([t for t in TEAMS if t != team])
+    return f"{TICKET_QUESTION}\n\n{message}", team, wrong
+
+
+def ticket_chat(rng: random.Random, held_out: bool = False) -> dict:
+    prompt, team, _ = ticket(rng, held_out)
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": team}]}
+
+
+def ticket_preference(rng: random.Random) -> dict:
+    prompt, team, wrong = ticket(rng)
+    return {"prompt": prompt, "chosen": team, "rejected": wrong}
+
+
 def generate(make: Callable[[random.Random], dict], n: int, rng: random.Random, exclude: set[str]) -> list[dict]:
     """``n`` distinct records, none of them in ``exclude`` (so validation never repeats training data)."""
     records, seen = [], set(exclude)
@@ -167,6 +234,13 @@ def main() -> None:
     write_jsonl(args.out / "alpaca.jsonl", generate(alpaca, 200, rng, set()))
     write_jsonl(args.out / "orpo.jsonl", orpo)
     write_jsonl(args.out / "orpo_val.jsonl", orpo_val)
+    # A stream of its own, so adding these files left the ones above unchanged.
+    rng = random.Random(args.seed + 1)
+    tickets = generate(ticket_chat, 400, rng, set())
+    tickets_val = generate(lambda r: ticket_chat(r, held_out=True), 60, rng, set())
+    write_jsonl(args.out / "tickets.jsonl", tickets)
+    write_jsonl(args.out / "tickets_val.jsonl", tickets_val)
+    write_jsonl(args.out / "tickets_orpo.jsonl", generate(ticket_preference, 200, rng, set()))
 
 
 if __name__ == "__main__":
