@@ -3,7 +3,7 @@
 For dense layers (``QuantizedLinear``, ``NF4Linear``) and gathered MoE experts (``SwitchGLU`` over
 ``QuantizedSwitchLinear`` / ``NF4SwitchLinear``, top-2 routing) at several token counts, the time of
 the forward pass and of forward + input gradient (the training case: base weights are frozen),
-with the fast path on and off (``bit_axon.quantization.fast_path.ENABLED``, what
+with the fast path on and off (``bit_axon.backend.Backend.cpu_dequant``, what
 ``BIT_AXON_CPU_DEQUANT=0`` sets at start-up), and the ratio. Off means MLX's own kernels:
 ``quantized_matmul`` / ``gather_qmm`` for affine. NF4 has no MLX kernel: its rows compare with
 MLX's affine kernel of the same shape (the wheel's 4-bit matmul) and, for experts, also with the
@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import time
 
 # isort: off
 import bit_axon  # noqa: F401  (must load the fast BLAS before mlx is imported)
 
 # isort: on
+from bit_axon import backend
 from bit_axon.blas import blas_in_use
 from bit_axon.layers.moe import SwitchGLU
 from bit_axon.quantization import (
@@ -36,7 +38,6 @@ from bit_axon.quantization import (
     QuantizedLinear,
     QuantizedSwitchLinear,
     cpu_kernels,
-    fast_path,
 )
 
 import mlx.core as mx
@@ -71,13 +72,17 @@ def fwd_bwd(f):
 @contextlib.contextmanager
 def mlx_op_dequantization():
     """The fast path with MLX-op dequantization instead of the compiled kernels."""
-    cpu_kernels.ENABLED = False
     cpu_kernels.load.cache_clear()
     try:
-        yield
+        with _backend(cpu_kernels=False):
+            yield
     finally:
-        cpu_kernels.ENABLED = True
         cpu_kernels.load.cache_clear()
+
+
+def _backend(**changes):
+    """The current backend settings with ``changes``, as a context (``bit_axon.backend.using``)."""
+    return backend.using(dataclasses.replace(backend.settings(), **changes))
 
 
 def timed_pair(f, x, repeats: int) -> tuple[float, ...]:
@@ -85,9 +90,8 @@ def timed_pair(f, x, repeats: int) -> tuple[float, ...]:
     load) on with MLX-op dequantization."""
     out = []
     for enabled in (True, False):
-        fast_path.ENABLED = enabled
-        out += [best_time(lambda: f(x), repeats), best_time(lambda: fwd_bwd(f)(x), repeats)]
-    fast_path.ENABLED = True
+        with _backend(cpu_dequant=enabled):
+            out += [best_time(lambda: f(x), repeats), best_time(lambda: fwd_bwd(f)(x), repeats)]
     if cpu_kernels.load() is not None:
         with mlx_op_dequantization():
             out += [best_time(lambda: f(x), repeats), best_time(lambda: fwd_bwd(f)(x), repeats)]

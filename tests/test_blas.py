@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 from bit_axon import blas
+from bit_axon.backend import Backend
 
 import pytest
 
@@ -53,11 +54,10 @@ def test_optimized_blas_gives_the_same_results_as_mlx_bundled_blas():
         assert default["blas"] != "mlx-bundled"  # a library was there, so it must be in use
 
 
-def test_opt_out_and_explicit_choice(monkeypatch):
-    monkeypatch.setenv("BIT_AXON_BLAS", "off")
-    assert blas.candidates() == []
-    monkeypatch.setenv("BIT_AXON_BLAS", "/opt/my/libopenblas.so")
-    assert blas.candidates() == ["/opt/my/libopenblas.so"]
+def test_opt_out_and_explicit_choice():
+    for off in ("off", "0", "mlx", "none"):
+        assert blas.candidates(Backend.from_env({"BIT_AXON_BLAS": off})) == []
+    assert blas.candidates(Backend.from_env({"BIT_AXON_BLAS": "/opt/my/libopenblas.so"})) == ["/opt/my/libopenblas.so"]
 
 
 def test_cmeel_openblas_only_offered_with_avx512(monkeypatch):

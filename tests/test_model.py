@@ -78,6 +78,14 @@ def test_head_is_tied_to_the_embedding_array():
     assert untied.lm_head.weight.shape == (97, 24)
 
 
+def test_output_head_is_the_layer_that_makes_the_logits():
+    tied, untied = tiny_model(), tiny_model(weight_tying=False)
+    assert tied.output_head is tied.embed_tokens and untied.output_head is untied.lm_head
+    h = mx.random.normal((1, 3, tied.config.d_source_model))
+    np.testing.assert_array_equal(np.array(tied.head(h)), np.array(tied.output_head.as_linear(h)))
+    np.testing.assert_array_equal(np.array(untied.head(h)), np.array(untied.output_head(h)))
+
+
 def test_default_config_parameter_count_from_shapes():
     # MLX is lazy: building the full model allocates nothing until evaluated, so the real module
     # definitions can be counted without materialising ~24 GB of float32 weights.

@@ -2,8 +2,9 @@
 
 MLX's Linux CPU wheel links a reference BLAS that reaches only a few GFLOP/s for float32 matmuls.
 Preloading an OpenBLAS with global symbols before ``mlx.core`` is first imported makes MLX's
-``cblas_*``/LAPACK calls resolve to it (40-80x faster here) without changing results beyond
-float32 rounding. Opt out with ``BIT_AXON_BLAS=off``; force a library with ``BIT_AXON_BLAS=/path``.
+``cblas_*``/LAPACK calls resolve to it (many times faster: bench/README.md) without changing results beyond
+float32 rounding. Opt out with ``BIT_AXON_BLAS=off``; force a library with ``BIT_AXON_BLAS=/path``
+(read with the other backend settings, :mod:`bit_axon.backend`, which does not import MLX).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from bit_axon.backend import Backend, settings
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +59,10 @@ def _system_openblas() -> list[str]:
     return [n for n in names if n]
 
 
-def candidates() -> list[str]:
-    """Libraries to try, best first."""
-    choice = os.environ.get("BIT_AXON_BLAS", "").strip()
-    if choice.lower() in {"0", "off", "none", "false", "mlx"}:
+def candidates(backend: Backend | None = None) -> list[str]:
+    """Libraries to try, best first, for ``backend``'s BLAS choice (default: this process's settings)."""
+    choice = (backend or settings()).blas
+    if choice == "off":
         return []
     if choice:
         return [choice]

@@ -30,8 +30,7 @@ def recompute_in_backward(fn: Callable[..., mx.array]) -> Callable[..., mx.array
     Unlike ``mx.checkpoint``, the recomputation takes inputs made to depend on the incoming
     gradient, so it is a subgraph of its own that cannot run (or be merged by ``mx.compile``) ahead
     of the backward pass. With ``mx.checkpoint``, a compiled step of a model with DoRA adapters
-    still kept memory per layer (measured: +128 MB from 6 to 12 layers of a narrow model at 2,048
-    tokens; here -2 MB).
+    still kept memory per layer; this does not (bench/README.md, "Measurements behind code choices").
     """
 
     @mx.custom_function
@@ -71,6 +70,12 @@ class BitAxonModel(nn.Module):
     def set_recompute(self, enabled: bool) -> None:
         """Recompute each layer's activations in the backward pass instead of storing them."""
         self.recompute = enabled
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The layer that maps hidden states to logits: the embedding (applied with ``as_linear``)
+        when the weights are tied, else ``lm_head``."""
+        return self.embed_tokens if self.config.weight_tying else self.lm_head
 
     def head(self, h: mx.array) -> mx.array:
         if self.config.weight_tying:

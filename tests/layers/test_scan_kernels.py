@@ -3,7 +3,8 @@ is a GPU (CUDA or Metal); a backend becomes the default only once these pass on 
 
 import bit_axon  # noqa: F401  (BLAS preload before mlx use)
 import cuda_emulator
-from bit_axon import BitAxonConfig
+from bit_axon import BitAxonConfig, backend
+from bit_axon.backend import Backend
 from bit_axon.layers import scan as scan_module
 from bit_axon.layers.scan import selective_scan, sequential_scan
 from bit_axon.layers.scan_kernels import DEFAULT_CHUNK, THREADS, fused_scan, kernel_backend
@@ -176,13 +177,12 @@ def test_cuda_kernel_source_emulated_on_cpu(b, L, E, N, chunk):
         np.testing.assert_allclose(g, np.array(r), rtol=1e-3, atol=1e-4, err_msg=f"d{name}")
 
 
-def test_fused_scan_setting(monkeypatch):
+def test_fused_scan_setting():
     """BIT_AXON_FUSED_SCAN: 0 turns the kernel off on any backend, anything but auto/1/0 is an error,
     and without a GPU no setting turns it on."""
-    monkeypatch.setenv("BIT_AXON_FUSED_SCAN", "0")
-    assert scan_module.choose_scan_method(1, 64, 16) != "fused"
-    monkeypatch.setenv("BIT_AXON_FUSED_SCAN", "1")
-    assert (scan_module.choose_scan_method(1, 64, 16) == "fused") == (kernel_backend() is not None)
-    monkeypatch.setenv("BIT_AXON_FUSED_SCAN", "yes")
+    with backend.using(Backend.from_env({"BIT_AXON_FUSED_SCAN": "0"})):
+        assert scan_module.choose_scan_method(1, 64, 16) != "fused"
+    with backend.using(Backend.from_env({"BIT_AXON_FUSED_SCAN": "1"})):
+        assert (scan_module.choose_scan_method(1, 64, 16) == "fused") == (kernel_backend() is not None)
     with pytest.raises(ValueError, match="BIT_AXON_FUSED_SCAN must be auto, 1 or 0, not 'yes'"):
-        scan_module.choose_scan_method(1, 64, 16)
+        Backend.from_env({"BIT_AXON_FUSED_SCAN": "yes"})

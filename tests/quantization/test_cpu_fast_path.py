@@ -4,14 +4,8 @@ CPU, and no float copy of the weights kept for the backward pass."""
 from __future__ import annotations
 
 import bit_axon  # noqa: F401  (BLAS before mlx)
-from bit_axon.layers.moe import (
-    EXPERT_BLOCK,
-    SMALL_BLOCK_PAIRS_PER_EXPERT,
-    SMALL_EXPERT_BLOCK,
-    SwitchGLU,
-    SwitchLinear,
-    expert_blocks,
-)
+from bit_axon.backend import Backend
+from bit_axon.layers.moe import SwitchGLU, SwitchLinear, expert_blocks
 from bit_axon.quantization import (
     NF4Embedding,
     NF4Linear,
@@ -22,6 +16,7 @@ from bit_axon.quantization import (
     fast_path,
     nf4_dequantize,
 )
+from bit_axon.quantization.affine import affine_dequantize
 from bit_axon.quantization.fast_path import dequantized_gather_matmul
 from bit_axon.quantization.nf4 import nf4_gather_matmul
 from bit_axon.training.dora import DoRALinear
@@ -34,10 +29,14 @@ import pytest
 
 pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the fast path is CPU-only")
 
+EXPERT_BLOCK = Backend.expert_block
+SMALL_EXPERT_BLOCK = Backend.small_expert_block
+SMALL_BLOCK_PAIRS_PER_EXPERT = Backend.small_block_pairs_per_expert
+
 
 @pytest.fixture
-def no_fast_path(monkeypatch):
-    monkeypatch.setattr(fast_path, "ENABLED", False)
+def no_fast_path(set_backend):
+    set_backend(cpu_dequant=False)
 
 
 def _gaussian(shape, seed, std=1.0):
@@ -51,11 +50,11 @@ def _value_and_input_grad(f, x):
     return np.array(out), np.array(grad)
 
 
-def _with_and_without(monkeypatch, f, x):
+def _with_and_without(set_backend, f, x):
     fast = _value_and_input_grad(f, x)
-    monkeypatch.setattr(fast_path, "ENABLED", False)
+    set_backend(cpu_dequant=False)
     native = _value_and_input_grad(f, x)
-    monkeypatch.setattr(fast_path, "ENABLED", True)
+    set_backend(cpu_dequant=True)
     return fast, native
 
 
@@ -70,16 +69,16 @@ def _affine_linear(seed=0, i=256, o=96, bias=False):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_affine_linear_matches_native_kernel(monkeypatch, bias):
+def test_affine_linear_matches_native_kernel(bias, set_backend):
     layer = _affine_linear(bias=bias)
     x = _gaussian((3, 7, 256), seed=1)
     before = fast_path.calls["affine"]
-    fast, native = _with_and_without(monkeypatch, layer, x)
+    fast, native = _with_and_without(set_backend, layer, x)
     assert fast_path.calls["affine"] > before  # taken with the switch on, not with it off
     _assert_close(fast, native)
 
 
-def test_affine_linear_inside_compile(monkeypatch):
+def test_affine_linear_inside_compile():
     layer = _affine_linear()
     x = _gaussian((16, 256), seed=2)
     compiled = mx.compile(lambda x: layer(x))
@@ -89,7 +88,7 @@ def test_affine_linear_inside_compile(monkeypatch):
 def test_few_rows_keep_the_native_kernel():
     layer = _affine_linear()
     before = fast_path.calls["affine"]
-    mx.eval(layer(_gaussian((1, fast_path.MIN_ROWS - 1, 256), seed=3)))
+    mx.eval(layer(_gaussian((1, Backend.min_dequant_rows - 1, 256), seed=3)))
     assert fast_path.calls["affine"] == before
 
 
@@ -98,27 +97,27 @@ def test_affine_dequantize_matches_mlx():
     for bits in (2, 4, 8):
         q, s, b = mx.quantize(w, 64, bits)
         np.testing.assert_array_equal(
-            np.array(fast_path.affine_dequantize(q, s, b, 64, bits)), np.array(mx.dequantize(q, s, b, 64, bits))
+            np.array(affine_dequantize(q, s, b, 64, bits)), np.array(mx.dequantize(q, s, b, 64, bits))
         )
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_nf4_pair_lookup_gives_the_byte_table_values(monkeypatch, dtype):
+def test_nf4_pair_lookup_gives_the_byte_table_values(dtype, set_backend):
     packed = mx.array(np.random.default_rng(14).integers(0, 2**32, (3, 6, 16), dtype=np.uint64).astype(np.uint32))
     scales = _gaussian((3, 6, 2), seed=15).astype(dtype)
     fast = nf4_dequantize(packed, scales)
-    monkeypatch.setattr(fast_path, "ENABLED", False)
+    set_backend(cpu_dequant=False)
     reference = nf4_dequantize(packed, scales)
     assert fast.dtype == reference.dtype == dtype and fast.shape == reference.shape == (3, 6, 128)
     np.testing.assert_array_equal(np.array(fast.astype(mx.float32)), np.array(reference.astype(mx.float32)))
 
 
-def test_affine_embedding_as_linear_matches_native(monkeypatch):
+def test_affine_embedding_as_linear_matches_native(set_backend):
     mx.random.seed(0)
     emb = QuantizedEmbedding.from_embedding(nn.Embedding(300, 128), group_size=64, bits=4)
     h = _gaussian((2, 9, 128), seed=5)
     before = fast_path.calls["affine"]
-    fast, native = _with_and_without(monkeypatch, emb.as_linear, h)
+    fast, native = _with_and_without(set_backend, emb.as_linear, h)
     assert fast_path.calls["affine"] > before
     _assert_close(fast, native)
 
@@ -147,7 +146,7 @@ def _glu(kind: str, seed: int = 0) -> SwitchGLU:
 
 @pytest.mark.parametrize("block", [EXPERT_BLOCK, SMALL_EXPERT_BLOCK])
 @pytest.mark.parametrize("kind", ["float", "nf4", "affine"])
-def test_blocked_experts_match_the_row_layout_and_native_kernels(monkeypatch, kind, block):
+def test_blocked_experts_match_the_row_layout_and_native_kernels(kind, block, set_backend):
     glu = _glu(kind)
     # Enough (token, expert) pairs over 4 experts for blocks of this size.
     pairs = 4 * (EXPERT_BLOCK if block == EXPERT_BLOCK else SMALL_BLOCK_PAIRS_PER_EXPERT) + 2
@@ -155,7 +154,7 @@ def test_blocked_experts_match_the_row_layout_and_native_kernels(monkeypatch, ki
     indices = mx.array(np.random.default_rng(8).integers(0, 4, (1, pairs // 2, 2)).astype(np.int32))
     assert expert_blocks(indices.size, 4) == block
     before = fast_path.calls["affine_gather"]
-    fast, native = _with_and_without(monkeypatch, lambda x: glu(x, indices), x)
+    fast, native = _with_and_without(set_backend, lambda x: glu(x, indices), x)
     assert (fast_path.calls["affine_gather"] > before) == (kind == "affine")
     _assert_close(fast, native)
 
@@ -202,7 +201,7 @@ def test_nf4_decoding_dequantizes_only_the_chosen_experts():
 
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["whole", "tiled"])
-def test_dora_shared_dequantization_matches_native(monkeypatch, request, tiled):
+def test_dora_shared_dequantization_matches_native(request, tiled, set_backend):
     if tiled:  # the backward pass rebuilds the weight in tiles (the forward shares the whole one)
         request.getfixturevalue("small_tiles")
     layer = DoRALinear.from_base(_affine_linear(seed=3), r=4, scale=2.0)
@@ -221,7 +220,7 @@ def test_dora_shared_dequantization_matches_native(monkeypatch, request, tiled):
 
     fast = grads()
     assert fast_path.calls["shared_dense"] > before
-    monkeypatch.setattr(fast_path, "ENABLED", False)
+    set_backend(cpu_dequant=False)
     _assert_close(fast, grads())
 
 
@@ -249,7 +248,7 @@ def test_no_tiles_when_the_product_outgrows_the_weight(small_tiles):
 
 
 @pytest.mark.parametrize("kind", ["affine", "nf4"])
-def test_tiled_dense_layers_match_untiled_and_native(monkeypatch, small_tiles, kind):
+def test_tiled_dense_layers_match_untiled_and_native(monkeypatch, small_tiles, kind, set_backend):
     layer = _affine_linear(bias=True) if kind == "affine" else NF4Linear.from_linear(nn.Linear(256, 96))
     x = _gaussian((2, 5, 256), seed=16)
     tiled = _value_and_input_grad(layer, x)
@@ -259,17 +258,17 @@ def test_tiled_dense_layers_match_untiled_and_native(monkeypatch, small_tiles, k
     for a, b in zip(tiled, whole, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
     if kind == "affine":
-        monkeypatch.setattr(fast_path, "ENABLED", False)
+        set_backend(cpu_dequant=False)
         _assert_close(tiled, _value_and_input_grad(layer, x))
 
 
 @pytest.mark.parametrize("kind", ["nf4", "affine"])
-def test_tiled_experts_match_native_kernels(monkeypatch, small_tiles, kind):
+def test_tiled_experts_match_native_kernels(small_tiles, kind, set_backend):
     glu = _glu(kind)
     x = _gaussian((1, 40, 64), seed=17)
     indices = mx.array(np.random.default_rng(17).integers(0, 4, (1, 40, 2)).astype(np.int32))
     compiled = mx.compile(lambda x: glu(x, indices))
-    fast, native = _with_and_without(monkeypatch, lambda x: glu(x, indices), x)
+    fast, native = _with_and_without(set_backend, lambda x: glu(x, indices), x)
     _assert_close(fast, native)
     _assert_close(_value_and_input_grad(compiled, x), native)
 

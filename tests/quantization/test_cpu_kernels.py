@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import bit_axon  # noqa: F401  (BLAS before mlx)
-from bit_axon.quantization import cpu_kernels, fast_path, nf4_dequantize, nf4_quantize
-from bit_axon.quantization.fast_path import affine_dequantize, affine_dequantize_ops
-from bit_axon.quantization.nf4 import nf4_dequantize_ops
+from bit_axon.quantization import cpu_kernels, nf4_dequantize, nf4_quantize
+from bit_axon.quantization.affine import affine_dequantize
+from bit_axon.quantization.codes import affine_dequantize_ops, nf4_dequantize_ops
 
 import mlx.core as mx
 import numpy as np
@@ -83,7 +83,7 @@ def test_kernels_read_strided_and_broadcast_inputs(kernels):
         _equal(kernels.affine_dequantize(*map(view, q), 4), affine_dequantize_ops(*map(view, q), 64, 4))
 
 
-def test_library_functions_take_the_kernels_on_the_cpu_fast_path(kernels, monkeypatch):
+def test_library_functions_take_the_kernels_on_the_cpu_fast_path(kernels, monkeypatch, set_backend):
     packed, scales = nf4_quantize(_gaussian((8, 64), seed=5))
     q = mx.quantize(_gaussian((8, 64), seed=6), 64, 4)
     calls = []
@@ -92,7 +92,7 @@ def test_library_functions_take_the_kernels_on_the_cpu_fast_path(kernels, monkey
     nf4_dequantize(packed, scales)
     affine_dequantize(*q, 64, 4)
     assert calls == ["nf4", "affine"]
-    monkeypatch.setattr(fast_path, "ENABLED", False)  # BIT_AXON_CPU_DEQUANT=0: MLX ops throughout
+    set_backend(cpu_dequant=False)  # BIT_AXON_CPU_DEQUANT=0: MLX ops throughout
     nf4_dequantize(packed, scales)
     affine_dequantize(*q, 64, 4)
     assert calls == ["nf4", "affine"]
@@ -182,14 +182,14 @@ def test_a_failed_build_falls_back_to_the_mlx_ops_and_says_why(fresh_load, monke
     _equal(nf4_dequantize(packed, scales), nf4_dequantize_ops(packed, scales))
 
 
-def test_no_compiler_or_switched_off_means_mlx_ops(fresh_load, monkeypatch, caplog):
+def test_no_compiler_or_switched_off_means_mlx_ops(fresh_load, monkeypatch, caplog, set_backend):
     monkeypatch.setenv("CXX", "")
     monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
     with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
         assert fresh_load() is None
     assert "No C++ compiler" in caplog.text
     cpu_kernels.load.cache_clear()
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    set_backend(cpu_kernels=False)
     assert fresh_load() is None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from bit_axon.backend import settings
 from bit_axon.config import BitAxonConfig
 
 import mlx.core as mx
@@ -31,37 +32,10 @@ class SwitchLinear(nn.Module):
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
 
-# Rows per expert block in the CPU layout: enough for BLAS to run well, few enough that padding each
-# expert's rows up to a whole block wastes little (at most num_experts * (BLOCK - 1) rows). 16 was as
-# fast as 32 from 1024 (token, expert) pairs on and faster below (bench/quant_matmul.py shapes).
-EXPERT_BLOCK = 16
-# Half-size blocks for fewer pairs: from 4 pairs per expert on average they beat one row per pair
-# (8 experts of 1024 x 1024, 16 and 32 tokens, top-2, f+b: float 56 / 78 ms against 66 / 122,
-# affine 77 / 114 against 170 / 297, NF4 160 / 162 against 188 / 299); at 2 per expert rows win.
-SMALL_EXPERT_BLOCK = 8
-SMALL_BLOCK_PAIRS_PER_EXPERT = 4
-
-
 def expert_blocks(num_pairs: int, num_experts: int) -> int:
-    """Rows per block for the blocked expert layout, or 0 for one gathered matmul row per pair.
-
-    MLX's CPU ``gather_mm`` runs one small matmul per batch entry (~2-4 GFLOP/s with one row each);
-    grouping each expert's rows into blocks of ``EXPERT_BLOCK`` (``SMALL_EXPERT_BLOCK`` with fewer
-    than a block's worth of pairs per expert) lets every call be a real BLAS matmul (several times
-    faster from ~16 tokens, see bench/README.md). GPUs keep the row layout and their sorted gather
-    kernels; so do inputs with few pairs per expert (decoding), where padding would dominate.
-    ``BIT_AXON_CPU_DEQUANT=0`` turns it off with the other CPU fast paths.
-    """
-    # Imported here: bit_axon.quantization imports this module.
-    from bit_axon.quantization.fast_path import cpu_fast_path
-
-    if not cpu_fast_path():
-        return 0
-    if num_pairs >= num_experts * EXPERT_BLOCK:
-        return EXPERT_BLOCK
-    if num_pairs >= num_experts * SMALL_BLOCK_PAIRS_PER_EXPERT:
-        return SMALL_EXPERT_BLOCK
-    return 0
+    """Rows per block for the blocked expert layout, or 0 for one gathered matmul row per pair:
+    the backend's choice (``Backend.expert_block_rows``; CPU only, off with the CPU fast paths)."""
+    return settings().expert_block_rows(num_pairs, num_experts)
 
 
 def block_layout(flat: mx.array, num_experts: int, block: int) -> tuple[mx.array, mx.array, mx.array, mx.array]:
@@ -102,10 +76,8 @@ class SwitchGLU(nn.Module):
     def _glu(self, rows: mx.array, experts: mx.array) -> mx.array:
         gate = self.gate_proj(rows, experts, True)
         # The up projection waits for the gate's: where expert weights are dequantized per call
-        # (4-bit bases on the CPU), MLX would otherwise be free to build both float stacks first.
-        # Measured at full size (8 x 4096 x 2560) with a memory limit set (TrainingConfig's
-        # memory_limit_gb, which stops MLX from allocating far ahead of the computation): forward
-        # peak 373 MB instead of 709, forward + backward 732 MB instead of 1026.
+        # (4-bit bases on the CPU), MLX would otherwise be free to build both float stacks first,
+        # nearly doubling the forward peak (bench/README.md, "Expert ordering").
         (rows,) = mx.depends([rows], [gate])
         h = nn.silu(gate) * self.up_proj(rows, experts, True)
         return self.down_proj(h, experts, True)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 
-from bit_axon.fast_math import fast_exp
-from bit_axon.layers.scan_kernels import fused_scan, use_fused_scan
+from bit_axon.backend import settings
+from bit_axon.layers.scan_kernels import fused_scan, supports_fused_scan
 
 import mlx.core as mx
 
@@ -57,7 +57,7 @@ def linear_scan(a: mx.array, u: mx.array, h0: mx.array) -> mx.array:
 
 
 def _discretize(x, dt, A, B, keep):
-    a = fast_exp(dt[..., None] * A) * keep[..., None, None]  # (b, L, E, N)
+    a = settings().exp()(dt[..., None] * A) * keep[..., None, None]  # (b, L, E, N)
     u = (dt * x)[..., None] * B[:, :, None, :]
     return a, u
 
@@ -101,7 +101,7 @@ def _time_major(*arrays: mx.array) -> list[mx.array]:
 
 
 def _decay(dt_t: mx.array, A: mx.array, keep_t: mx.array) -> mx.array:
-    return fast_exp(dt_t[..., None] * A) * keep_t[:, None, None]
+    return settings().exp()(dt_t[..., None] * A) * keep_t[:, None, None]
 
 
 @mx.custom_function
@@ -155,18 +155,10 @@ def _stepwise_scan_vjp(primals, cotangents, outputs):
     return dx, d_dt, dA, mx.stack(dB, axis=1), mx.stack(dC, axis=1), dD, g, mx.zeros_like(keep)
 
 
-# Per-step state size (b * E * N) from which the stepwise scan beats the chunked one on the CPU:
-# below it, per-op overhead dominates the short steps; above it, the chunked scan's full-size
-# (L, E, N) passes through memory cost more than the cache-resident steps (see bench/ssm_scan.py).
-_STEPWISE_MIN_STATE = 8192
-
-
 def choose_scan_method(b: int, E: int, N: int) -> str:
-    """"fused" on a GPU backend whose kernel has been verified, else the faster pure-MLX scan."""
-    if use_fused_scan(N):
-        return "fused"
-    on_cpu = mx.default_device() == mx.cpu
-    return "stepwise" if on_cpu and b * E * N >= _STEPWISE_MIN_STATE else "chunked"
+    """"fused" on a GPU backend whose kernel has been verified, else the faster pure-MLX scan
+    (the backend's choice: ``Backend.scan_method``)."""
+    return settings().scan_method(b * E * N, supports_fused_scan(N))
 
 
 def selective_scan(

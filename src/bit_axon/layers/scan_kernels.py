@@ -18,29 +18,15 @@ runs it on request, and ``BIT_AXON_FUSED_SCAN=0`` turns it off everywhere.
 from __future__ import annotations
 
 import functools
-import logging
-import os
+
+from bit_axon.backend import VERIFIED_SCAN_BACKENDS, kernel_backend, settings
 
 import mlx.core as mx
 
-logger = logging.getLogger(__name__)
-
-# Backends whose kernel has been checked against the reference scan by
-# tests/layers/test_scan_kernels.py on real hardware (see the README's "Fused SSM kernels").
-VERIFIED_BACKENDS: frozenset[str] = frozenset({"cuda"})
+# Backends whose kernel has been checked against the reference scan (the backend's list).
+VERIFIED_BACKENDS = VERIFIED_SCAN_BACKENDS
 
 THREADS = 256  # threads per block: THREADS // N channels, each with N state lanes
-
-
-def kernel_backend() -> str | None:
-    """"cuda" or "metal" when the default device is a GPU with that backend, else None."""
-    if mx.default_device() != mx.gpu:
-        return None
-    if mx.cuda.is_available():
-        return "cuda"
-    if mx.metal.is_available():
-        return "metal"
-    return None
 
 
 def supports_fused_scan(d_state: int) -> bool:
@@ -51,23 +37,7 @@ def supports_fused_scan(d_state: int) -> bool:
 def use_fused_scan(d_state: int) -> bool:
     """Whether ``selective_scan`` picks the kernel by default: on a verified GPU backend, unless
     ``BIT_AXON_FUSED_SCAN`` says otherwise ("1" also enables an unverified backend, "0" disables)."""
-    setting = os.environ.get("BIT_AXON_FUSED_SCAN", "auto").strip().lower()
-    if setting not in ("auto", "1", "0"):
-        raise ValueError(f"BIT_AXON_FUSED_SCAN must be auto, 1 or 0, not {setting!r}")
-    backend = kernel_backend()
-    if backend is None or not supports_fused_scan(d_state):
-        return False
-    if setting == "1" and backend not in VERIFIED_BACKENDS:
-        _warn_unverified(backend)
-    return setting == "1" or (setting == "auto" and backend in VERIFIED_BACKENDS)
-
-
-@functools.cache
-def _warn_unverified(backend: str) -> None:
-    logger.warning(
-        "BIT_AXON_FUSED_SCAN=1: using the fused scan kernel on %s, where no test has checked it yet "
-        "(sh scripts/gpu-check.sh runs those tests)", backend,
-    )
+    return settings().use_fused_scan(supports_fused_scan(d_state))
 
 
 # Steps between forward checkpoints. The backward kernel keeps a chunk's states in registers, so

@@ -1,8 +1,9 @@
 // CPU dequantization kernels for 4-bit weights, as MLX primitives (see cpu_kernels.py).
 //
-// MLX's CPU backend has no fused lookup: NF4 through mx.take costs ~10 ns per gathered element,
-// and the compiled affine unpacking ~2.5 ns per weight. These loops write each weight once, ~1 ns.
-// They compute exactly what the MLX-op versions in nf4.py and fast_path.py compute, in the same
+// MLX's CPU backend has no fused lookup (NF4 through mx.take pays per gathered element, and even the
+// compiled affine unpacking is slower than one write per weight: bench/README.md, "Measurements
+// behind code choices"). These loops write each weight once.
+// They compute exactly what the MLX-op versions in codes.py compute, in the same
 // dtype and order (value * scale, then + bias, each rounded to the scales' dtype), so results are
 // unchanged; cpu_kernels.py checks that on load and falls back to the MLX ops otherwise.
 

@@ -1,18 +1,19 @@
 """Compiled CPU dequantization kernels (NF4 and affine 2/4/8-bit), built on first use.
 
-MLX's CPU backend has no fused table lookup: NF4's codebook lookup through ``mx.take`` costs ~10
-ns per gathered element, and even affine's compiled unpacking ~2.5 ns per weight, while the
-dequantize-then-BLAS route (``fast_path``) spends most of a MoE layer's time there. These are two
-small MLX primitives in C++ (``cpu_kernels.cpp``) that write each weight once (~1 ns), with the
-same values as the MLX-op versions: the same dtype and the same roundings.
+MLX's CPU backend has no fused table lookup: NF4's codebook lookup through ``mx.take`` pays per
+gathered element, and even affine's compiled unpacking is several times slower than one write per
+weight, while the dequantize-then-BLAS route (``fast_path``) spends most of a MoE layer's time
+there (bench/README.md, "Measurements behind code choices"). These are two small MLX primitives in
+C++ (``cpu_kernels.cpp``) that write each weight once, with the same values as the MLX-op versions
+of :mod:`~bit_axon.quantization.codes`: the same dtype and the same roundings.
 
 The extension is compiled once per (source, MLX, nanobind, Python) into the user's cache
 (``$BIT_AXON_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/bit-axon/kernels`` or
-``~/.cache/bit-axon/kernels``; ~20 s with g++), the way MLX itself compiles its fused CPU kernels
+``~/.cache/bit-axon/kernels``; about 20 s with g++), the way MLX itself compiles its fused CPU kernels
 with the system compiler. It links against MLX and binds with nanobind in MLX's domain, so the
 nanobind version must speak MLX's ABI (a dependency pin). After loading, both kernels are checked
 against the MLX ops on a small input, bit for bit. Linux only (the platform they were verified
-on); elsewhere, with ``BIT_AXON_CPU_KERNELS=0``, without a C++ compiler, or when the build or the
+on); elsewhere, with ``BIT_AXON_CPU_KERNELS=0`` (``Backend.cpu_kernels``), without a C++ compiler, or when the build or the
 check fails, :func:`load` returns None, says why once, and callers keep the MLX-op versions: the
 results are the same, only slower.
 """
@@ -33,12 +34,13 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from bit_axon.backend import CPU_KERNELS_VAR, settings
+from bit_axon.quantization.codes import affine_dequantize_ops, nf4_dequantize_ops, nf4_quantize
+
 import mlx.core as mx
 
 logger = logging.getLogger(__name__)
 
-ENV_VAR = "BIT_AXON_CPU_KERNELS"
-ENABLED = os.environ.get(ENV_VAR, "1").strip().lower() not in {"0", "off", "false", "no"}
 CACHE_ENV_VAR = "BIT_AXON_KERNEL_CACHE"
 MODULE_NAME = "_bit_axon_cpu_kernels"  # NB_MODULE's name in the source
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -126,9 +128,6 @@ def _import(path: Path) -> ModuleType:
 
 def self_check(module: ModuleType) -> None:
     """Both kernels against the MLX ops, bit for bit, on strided inputs in each float dtype."""
-    from bit_axon.quantization.fast_path import affine_dequantize_ops
-    from bit_axon.quantization.nf4 import nf4_dequantize_ops, nf4_quantize
-
     with mx.stream(mx.cpu):
         w = mx.random.normal((3, 8, 128), key=mx.random.key(0))
         for dtype in (mx.float32, mx.bfloat16, mx.float16):
@@ -146,8 +145,8 @@ def self_check(module: ModuleType) -> None:
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled kernels (built if not cached), or None with one log line saying why."""
-    if not ENABLED:
-        logger.info("%s=0: CPU dequantization uses MLX ops", ENV_VAR)
+    if not settings().cpu_kernels:
+        logger.info("%s=0: CPU dequantization uses MLX ops", CPU_KERNELS_VAR)
         return None
     if not sys.platform.startswith("linux"):
         logger.debug("CPU dequantization kernels are built on Linux only; using MLX ops")

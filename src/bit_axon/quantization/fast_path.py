@@ -1,18 +1,19 @@
 """Quantized matmuls on MLX's CPU backend: dequantize one layer, then a float matmul (BLAS).
 
-MLX's CPU ``quantized_matmul`` / ``gather_qmm`` kernels do not use BLAS and reach ~2 GFLOP/s,
-while a float32 matmul through the OpenBLAS that ``bit_axon.blas`` preloads reaches ~50-100. For
+This module is format-agnostic: a format passes its dequantization function (``nf4``, ``affine``).
+MLX's CPU ``quantized_matmul`` / ``gather_qmm`` kernels do not use BLAS and are many times slower
+than a float32 matmul through the OpenBLAS that ``bit_axon.blas`` preloads (bench/README.md). For
 inputs of more than a few rows it is therefore much faster to dequantize the layer's weight (a
 fused elementwise pass) and multiply in float. The float weight is a transient, rebuilt a tile of
 output rows at a time (two CPU streams dequantizing in turns while BLAS multiplies): the
 hand-written backward pass (gradient w.r.t. the input only; base weights are frozen) dequantizes
 again instead of keeping it, so training holds 4.5 bits per base weight, not 32.
 
-Only on the CPU device: Metal and CUDA keep MLX's fused quantized kernels. ``BIT_AXON_CPU_DEQUANT=0``
-(read once, at import) turns the routing off and restores the native kernels everywhere, together
-with the other CPU fast paths that consult :func:`cpu_fast_path` (the MoE's blocked expert layout
-in ``bit_axon.layers.moe``, the compiled dequantization kernels of ``cpu_kernels`` and NF4's
-64-bit pair lookup, their fallback). Results match the native kernels to float32 rounding (the
+Only on the CPU device: Metal and CUDA keep MLX's fused quantized kernels. Whether the route
+applies is the backend's choice (``bit_axon.backend``: ``Backend.cpu_fast_path`` and
+``dequantize_route``); ``BIT_AXON_CPU_DEQUANT=0`` turns it off and restores the native kernels
+everywhere, together with the other CPU fast paths (the MoE's blocked expert layout, the compiled
+dequantization kernels of ``cpu_kernels`` and NF4's 64-bit pair lookup, their fallback). Results match the native kernels to float32 rounding (the
 same products, summed in another order).
 
 ``calls`` counts, per kind, how often a fast path was put in a graph (at trace time: a compiled
@@ -22,40 +23,18 @@ step traces once), for tests and benchmarks.
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from collections import Counter
 from collections.abc import Callable
 
-from bit_axon.quantization import cpu_kernels
+from bit_axon.backend import settings
 
 import mlx.core as mx
 
-logger = logging.getLogger(__name__)
-
-ENV_VAR = "BIT_AXON_CPU_DEQUANT"
-ENABLED = os.environ.get(ENV_VAR, "1").strip().lower() not in {"0", "off", "false", "no"}
-
-# Below this many input rows the native kernel wins: dequantizing costs about as much as ~3 rows
-# of the native CPU kernel (bench/quant_matmul.py), so one-token decoding stays native.
-MIN_ROWS = 4
-
 calls: Counter[str] = Counter()
-_logged_disabled = False
 
 
-def cpu_fast_path() -> bool:
-    """Whether quantized matmuls built now take the dequantize-then-BLAS route."""
-    global _logged_disabled
-    if mx.default_device() != mx.cpu:
-        return False
-    if not ENABLED and not _logged_disabled:
-        _logged_disabled = True
-        logger.info("%s=0: CPU quantized matmuls and MoE experts use MLX's native kernels (slow for long inputs)", ENV_VAR)
-    return ENABLED
-
-
-def _rows(x: mx.array) -> int:
+def rows(x: mx.array) -> int:
+    """The number of input rows of ``x`` (all axes but the last)."""
     return x.size // x.shape[-1] if x.ndim else 0
 
 
@@ -65,13 +44,11 @@ def after(trigger: mx.array, *qparams: mx.array) -> list[mx.array]:
     Every dequantization for a matmul takes its inputs through here, with the matmul's input (in
     the forward pass) or the incoming gradient (in the backward pass) as the trigger, for two
     reasons. Order: MLX would otherwise be free to dequantize a layer long before its input is
-    ready, holding its float weight meanwhile (with this and SwitchGLU's ordering, a compiled
-    training step of a full-width three-layer model at 512 tokens peaked at 3.1 GB above the
-    weights instead of 4.7).
+    ready, holding its float weight meanwhile (a much higher peak: bench/README.md, "Measurements
+    behind code choices").
     Identity: ``mx.compile`` merges identical subgraphs, so a backward dequantization of
     the same codes would become the forward's and the float weight of every layer would be kept
-    from the forward to the backward pass (measured: all 32 layers' weights alive in a compiled
-    32-layer chain).
+    from the forward to the backward pass (tests/quantization/test_cpu_fast_path.py checks this).
     """
     # (Frozen codes: no gradient flows back through the dependency into the trigger.)
     return [mx.stop_gradient(q) for q in mx.depends(list(qparams), [trigger])]
@@ -79,76 +56,18 @@ def after(trigger: mx.array, *qparams: mx.array) -> list[mx.array]:
 
 def wants_dequant(x: mx.array) -> bool:
     """Route ``x @ W.T`` for a quantized W through dequantize + float matmul (CPU, enough rows)."""
-    return cpu_fast_path() and _rows(x) >= MIN_ROWS
-
-
-# --- affine dequantization ----------------------------------------------------------------------
-
-
-@functools.cache
-def _affine_unpacker(bits: int):
-    per_word = 32 // bits
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    mask = (1 << bits) - 1
-
-    # Compiled, so the shift / mask / convert / scale-and-bias chain is one fused pass (~3x faster
-    # on the CPU than mx.dequantize's kernel), working on (..., groups, words per group, codes per word).
-    @mx.compile
-    def unpack(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-        *lead, words = w.shape
-        groups = scales.shape[-1]
-        codes = (w.reshape(*lead, groups, words // groups, 1) >> shifts) & mask
-        values = codes.astype(scales.dtype) * scales[..., None, None] + biases[..., None, None]
-        return values.reshape(*lead, words * per_word)
-
-    return unpack
-
-
-def affine_dequantize(
-    w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
-) -> mx.array:
-    """``mx.dequantize`` of MLX's affine format: on the CPU fast path the compiled kernel of
-    ``cpu_kernels`` where it loads, else :func:`affine_dequantize_ops` (the same values)."""
-    kernels = cpu_kernels.load() if cpu_fast_path() and _unpackable(w, scales, group_size, bits) else None
-    if kernels is not None:
-        return kernels.affine_dequantize(w, scales, biases, bits)
-    return affine_dequantize_ops(w, scales, biases, group_size, bits)
-
-
-def affine_dequantize_ops(
-    w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
-) -> mx.array:
-    """``mx.dequantize`` of MLX's affine format, as one fused pass where the bit width allows."""
-    if _unpackable(w, scales, group_size, bits):
-        return _affine_unpacker(bits)(w, scales, biases)
-    return mx.dequantize(w, scales, biases, group_size, bits)
-
-
-def _unpackable(w: mx.array, scales: mx.array, group_size: int, bits: int) -> bool:
-    """Whether codes split evenly into words (2, 4, 8 bits) and the shapes agree with ``group_size``."""
-    return bits in (2, 4, 8) and w.shape[-1] == scales.shape[-1] * (group_size * bits // 32)
-
-
-@functools.cache
-def affine_dequantizer(group_size: int, bits: int) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
-    """``affine_dequantize`` with the format bound: one function object per format (a cache key)."""
-
-    def dequantize(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-        return affine_dequantize(w, scales, biases, group_size, bits)
-
-    return dequantize
+    return settings().dequantize_route(rows(x))
 
 
 # --- dequantize-then-matmul, any format ------------------------------------------------------
 
 # A layer's float weight is rebuilt and multiplied a tile of output rows at a time on the CPU:
 # tiles of at most TILE_VALUES values, but at least MIN_TILE_ROWS rows. MLX's CPU allocator
-# caches freed buffers only up to 32 MB in all (its default cache limit), so a whole-layer float
-# weight (an 8 x 1024 x 1024 expert stack is 32 MB) came fresh from the OS on every call, paying
-# ~3.5 ns of page faults per value, twice what dequantizing it costs; 8 MB tiles are reused from
-# the cache. Narrower tiles than ~256 rows make the gathered experts' BLAS calls too thin (the
-# full config's 8 x 4096 x 2560 stacks: 256-row tiles of 21 MB beat 8 MB ones). Measurements in
-# bench/README.md ("4-bit matmuls on the CPU").
+# caches freed buffers only up to its (small) default cache limit, so a whole-layer float weight
+# came fresh from the OS on every call, paying more in page faults than dequantizing it costs;
+# 8 MB tiles are reused from the cache. Much narrower tiles make the gathered experts' BLAS calls
+# too thin. Measurements in bench/README.md ("4-bit matmuls on the CPU", "Measurements behind
+# code choices").
 TILE_VALUES = 1 << 21
 MIN_TILE_ROWS = 256
 
@@ -163,7 +82,7 @@ def weight_tiles(out_dims: int, row_values: int, output_rows: int) -> list[tuple
     Splitting the output rows leaves every dot product whole: a tiled product differs from an
     untiled one only by the BLAS kernel's summation order.
     """
-    if not cpu_fast_path() or output_rows >= row_values:
+    if not settings().cpu_fast_path() or output_rows >= row_values:
         return [(0, out_dims)]
     rows = max(MIN_TILE_ROWS, TILE_VALUES // row_values)
     return [(start, min(start + rows, out_dims)) for start in range(0, out_dims, rows)]
@@ -249,13 +168,13 @@ def dequantized_matmul(dequantize: Callable[..., mx.array]):
 
     @mx.custom_function
     def matmul(x, *qparams):
-        tiles = weight_tiles(qparams[0].shape[-2], x.shape[-1], _rows(x))
+        tiles = weight_tiles(qparams[0].shape[-2], x.shape[-1], rows(x))
         return _tiled_product(dequantize, qparams, tiles, x, _matmul_t)
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, *qparams = primals
-        tiles = weight_tiles(qparams[0].shape[-2], x.shape[-1], _rows(x))
+        tiles = weight_tiles(qparams[0].shape[-2], x.shape[-1], rows(x))
         dx = _tiled_input_grad(dequantize, qparams, tiles, cotangent, _matmul)
         return (dx.astype(x.dtype), *(mx.zeros_like(q) for q in qparams))
 
@@ -269,7 +188,7 @@ def dequantized_gather_matmul(dequantize: Callable[..., mx.array], sorted_indice
     Backward as ``dequantized_matmul``."""
 
     def tiles_of(x, qparams):
-        return weight_tiles(qparams[0].shape[-2], qparams[0].shape[0] * x.shape[-1], _rows(x))
+        return weight_tiles(qparams[0].shape[-2], qparams[0].shape[0] * x.shape[-1], rows(x))
 
     @mx.custom_function
     def gather(x, *qparams_and_indices):
@@ -306,52 +225,6 @@ def sum_to_shape(g: mx.array, shape: tuple[int, ...]) -> mx.array:
     return g.sum(axis=expanded, keepdims=True) if expanded else g
 
 
-# --- affine matmuls -----------------------------------------------------------------------------
-
-
-def affine_matmul(
-    x: mx.array,
-    w: mx.array,
-    scales: mx.array,
-    biases: mx.array | None,
-    group_size: int,
-    bits: int,
-    mode: str = "affine",
-) -> mx.array:
-    """``x @ W.T`` for a quantized W (``mx.quantized_matmul(..., transpose=True)``), CPU-routed."""
-    if mode == "affine" and biases is not None and wants_dequant(x):
-        calls["affine"] += 1
-        return dequantized_matmul(affine_dequantizer(group_size, bits))(x, w, scales, biases)
-    return mx.quantized_matmul(
-        x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
-    )
-
-
-def affine_gather_matmul(
-    x: mx.array,
-    w: mx.array,
-    scales: mx.array,
-    biases: mx.array,
-    indices: mx.array,
-    group_size: int,
-    bits: int,
-    sorted_indices: bool = False,
-) -> mx.array:
-    """``mx.gather_qmm(..., transpose=True)`` of x with stacked affine experts, CPU-routed.
-
-    The dequantize route pays for all experts' weights once, so it is taken when each gathered
-    matmul has several rows (the MoE's blocked CPU layout), not for one row per expert.
-    """
-    if x.ndim >= 2 and x.shape[-2] >= MIN_ROWS and cpu_fast_path():
-        calls["affine_gather"] += 1
-        gather = dequantized_gather_matmul(affine_dequantizer(group_size, bits), sorted_indices)
-        return gather(x, w, scales, biases, indices)
-    return mx.gather_qmm(
-        x, w, scales, biases, rhs_indices=indices, transpose=True,
-        group_size=group_size, bits=bits, sorted_indices=sorted_indices,
-    )
-
-
 # --- a dense weight shared with other forward computations ---------------------------------------
 
 
@@ -365,7 +238,7 @@ def _shared_dense_matmul(dequantize: Callable[..., mx.array]):
     def matmul_vjp(primals, cotangent, output):
         x, dense, *qparams = primals
         # Rebuilt from the codes: ``dense`` is not referenced here, so it is freed after forward.
-        tiles = weight_tiles(dense.shape[-2], dense.shape[-1], _rows(x))
+        tiles = weight_tiles(dense.shape[-2], dense.shape[-1], rows(x))
         dx = _tiled_input_grad(dequantize, qparams, tiles, cotangent, _matmul)
         return (dx.astype(x.dtype), mx.zeros_like(dense), *(mx.zeros_like(q) for q in qparams))
 

@@ -1,110 +1,59 @@
-"""4-bit NormalFloat (NF4) weights, as in QLoRA (Dettmers et al., 2023).
+"""4-bit NormalFloat (NF4) weights, as in QLoRA (Dettmers et al., 2023): the layers and their matmuls.
 
-Each group of ``group_size`` consecutive weights along the input dimension is divided by its absolute
-maximum and rounded to the nearest of the 16 NF4 values below, which are quantiles of N(0, 1) scaled
-to [-1, 1] (with an exact zero). The 4-bit codes are packed eight to a uint32 in input order, lowest
-bits first — MLX's own 4-bit layout — so a packed (out, in / 8) weight has the same shape as an MLX
-affine 4-bit weight. Scales (the per-group absmax) keep the source weight's dtype; QLoRA's "double
-quantization" of the scales is not implemented (it would save 0.37 bits per weight).
-
-There is no NF4 matmul kernel in MLX, so the layers dequantize and then use the ordinary (gather)
-matmul, which runs on every backend (on Linux CPUs the dequantization is a compiled kernel,
-``cpu_kernels``, with the same values). Their backward passes dequantize again instead of keeping the
-float weight alive between forward and backward: the frozen base then costs 4.5 bits per weight
-during training, not 32.
+The format itself (codebook, packing, the MLX-op (de)quantization) is in
+:mod:`~bit_axon.quantization.codes`. There is no NF4 matmul kernel in MLX, so the layers dequantize
+and then use the ordinary (gather) matmul, which runs on every backend (on Linux CPUs the
+dequantization is a compiled kernel, ``cpu_kernels``, with the same values). Their backward passes
+dequantize again instead of keeping the float weight alive between forward and backward: the frozen
+base then costs 4.5 bits per weight during training, not 32.
 """
 
 from __future__ import annotations
 
 import math
 
+import bit_axon.quantization.cpu_kernels as cpu_kernels
+from bit_axon.backend import settings
 from bit_axon.layers.moe import SwitchLinear
-from bit_axon.quantization import cpu_kernels
+from bit_axon.quantization.base import (
+    BaseLayer,
+    EmbeddingBase,
+    PackedSwitchLinear,
+    QuantFormat,
+    RowDequantizer,
+    SwitchBase,
+    register,
+    register_format,
+)
+from bit_axon.quantization.codes import (
+    CODES_PER_WORD,
+    NF4_CODEBOOK,
+    nf4_dequantize_ops,
+    nf4_quantize,
+    nf4_unpack,
+)
 from bit_axon.quantization.fast_path import (
     after,
-    cpu_fast_path,
     dequantized_gather_matmul,
     dequantized_matmul,
+    shared_dense_matmul,
 )
 
 import mlx.core as mx
 import mlx.nn as nn
 
-# The NF4 data type, exactly as tabulated in the QLoRA paper (Appendix E) and bitsandbytes.
-NF4_CODEBOOK: tuple[float, ...] = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
-_CODEBOOK = mx.array(NF4_CODEBOOK, dtype=mx.float32)
-# Decision boundaries between neighbouring codes: a value maps to the number of midpoints below it.
-# (exact float32 values, as Python constants for mx.compile).
-_MIDPOINTS = tuple(((_CODEBOOK[1:] + _CODEBOOK[:-1]) / 2).tolist())
-_CODES_PER_WORD = 8  # 32-bit words / 4-bit codes
-_SHIFTS = mx.arange(0, 32, 4, dtype=mx.uint32)
-_BYTES = mx.arange(256, dtype=mx.uint32)
-_BYTE_TABLE = mx.stack([_CODEBOOK[_BYTES & 0xF], _CODEBOOK[_BYTES >> 4]], axis=-1)  # (256, 2)
-# The same pairs, each as one 64-bit element (256,): MLX's CPU gather costs per gathered element
-# (~16 ns), so where the compiled kernel (cpu_kernels) is unavailable the CPU fast path copies one
-# element per byte instead of two floats. Measured on an 8 x 1024 x 1024 stack: ~8 ns per weight
-# against ~9 for a 16-bit-word table of 4 floats (1 MB, it misses the cache) and ~10 for the
-# (256, 2) table. Built here, so that a first use inside mx.compile finds a constant rather than
-# the ops that make it.
-_BYTE_PAIRS = mx.view(_BYTE_TABLE, mx.uint64).reshape(256)
-mx.eval(_BYTE_PAIRS)
-
-
-def nf4_quantize(w: mx.array, group_size: int = 64) -> tuple[mx.array, mx.array]:
-    """Quantize ``w`` (..., in) to packed codes (..., in / 8) uint32 and absmax scales (..., in / group_size).
-
-    Lazy like ``mx.quantize``: nothing is computed until the result is evaluated.
-    """
-    *lead, n_in = w.shape
-    if group_size <= 0 or group_size % _CODES_PER_WORD:
-        raise ValueError(f"NF4 group_size must be a positive multiple of {_CODES_PER_WORD}, got {group_size}")
-    if n_in % group_size:
-        raise ValueError(f"NF4 needs the last dimension ({n_in}) to be divisible by group_size ({group_size})")
-    groups = w.reshape(*lead, n_in // group_size, group_size)
-    absmax = mx.abs(groups).max(axis=-1, keepdims=True)
-    packed = _nf4_pack_codes(groups, absmax).reshape(*lead, n_in // _CODES_PER_WORD, _CODES_PER_WORD)
-    return packed.sum(axis=-1), absmax.squeeze(-1)
-
-
-@mx.compile
-def _nf4_pack_codes(groups: mx.array, absmax: mx.array) -> mx.array:
-    """Each weight's code, shifted to its place in its 32-bit word: one fused elementwise pass.
-
-    The code is the number of midpoints below the normalised weight (15 comparisons against
-    constants). Compiled, the chain has no per-weight temporaries: quantizing the full model's
-    151,936 x 2,048 embedding this way peaks at a few copies of it (a gather-based search held
-    ~17 of them, 21 GB).
-    """
-    # An all-zero group has absmax 0; dividing by 1 instead maps it to the exact-zero code.
-    normed = (groups / mx.where(absmax > 0, absmax, 1)).astype(mx.float32)
-    codes = mx.zeros(normed.shape, dtype=mx.uint32)
-    for midpoint in _MIDPOINTS:
-        codes = codes + (normed > midpoint).astype(mx.uint32)
-    position = mx.arange(groups.shape[-1], dtype=mx.uint32) % _CODES_PER_WORD
-    return codes << (position * 4)
-
-
-def nf4_unpack(packed: mx.array) -> mx.array:
-    """Packed (..., in / 8) uint32 -> codes (..., in) uint32 in [0, 16)."""
-    codes = (packed[..., None] >> _SHIFTS) & 0xF
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * _CODES_PER_WORD)
+__all__ = [
+    "NF4_CODEBOOK",
+    "NF4Embedding",
+    "NF4Linear",
+    "NF4SwitchLinear",
+    "nf4_dequantize",
+    "nf4_dequantize_ops",
+    "nf4_gather_matmul",
+    "nf4_matmul",
+    "nf4_quantize",
+    "nf4_unpack",
+]
 
 
 def nf4_dequantize(packed: mx.array, scales: mx.array) -> mx.array:
@@ -112,31 +61,11 @@ def nf4_dequantize(packed: mx.array, scales: mx.array) -> mx.array:
 
     The group size is implied by the shapes, so it cannot disagree with how the weight was quantized.
     On the CPU fast path this is the compiled kernel of ``cpu_kernels`` where it loads (the same
-    values as :func:`nf4_dequantize_ops`, ~8x faster).
+    values as :func:`nf4_dequantize_ops`, several times faster).
     """
-    if cpu_fast_path() and (kernels := cpu_kernels.load()) is not None:
+    if settings().cpu_fast_path() and (kernels := cpu_kernels.load()) is not None:
         return kernels.nf4_dequantize(packed, scales)
     return nf4_dequantize_ops(packed, scales)
-
-
-def nf4_dequantize_ops(packed: mx.array, scales: mx.array) -> mx.array:
-    """:func:`nf4_dequantize` with MLX ops (every backend; the reference for the CPU kernel)."""
-    # Read the words as bytes (little-endian, as on every MLX platform: byte k holds codes 2k and
-    # 2k + 1) and look each byte up in a 256 x 2 table of value pairs: half the gathers of a per-code
-    # lookup and no per-code integer temporaries (~2x faster on CPU than unpacking the codes first).
-    # On the CPU each pair is gathered as one 64-bit element and read back as two float32s
-    # (rounded to the scales' dtype afterwards: the same values as rounding the table first).
-    bytes_ = mx.view(packed, mx.uint8)
-    if cpu_fast_path():
-        looked_up = mx.view(_BYTE_PAIRS[bytes_], mx.float32)
-        if scales.dtype != mx.float32:
-            looked_up = looked_up.astype(scales.dtype)
-    else:
-        looked_up = _BYTE_TABLE.astype(scales.dtype)[bytes_]
-    *lead, n_words = packed.shape
-    n_in, n_groups = n_words * _CODES_PER_WORD, scales.shape[-1]
-    values = looked_up.reshape(*lead, n_groups, n_in // n_groups)
-    return (values * scales[..., None]).reshape(*lead, n_in)
 
 
 def nf4_matmul(x: mx.array, packed: mx.array, scales: mx.array) -> mx.array:
@@ -204,7 +133,7 @@ class NF4Linear(nn.Module):
 
     @property
     def input_dims(self) -> int:
-        return self.weight.shape[-1] * _CODES_PER_WORD
+        return self.weight.shape[-1] * CODES_PER_WORD
 
     @property
     def output_dims(self) -> int:
@@ -227,7 +156,7 @@ class NF4Linear(nn.Module):
         return y
 
 
-class NF4SwitchLinear(nn.Module):
+class NF4SwitchLinear(PackedSwitchLinear):
     """NF4 version of :class:`SwitchLinear`: stacked expert weights (X, out, in) applied by index."""
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int, group_size: int = 64):
@@ -248,27 +177,9 @@ class NF4SwitchLinear(nn.Module):
         q.freeze()
         return q
 
-    @property
-    def input_dims(self) -> int:
-        return self.weight.shape[-1] * _CODES_PER_WORD
-
-    @property
-    def output_dims(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def num_experts(self) -> int:
-        return self.weight.shape[0]
-
     def dequantize(self) -> mx.array:
         """The float expert weights (X, out, in)."""
         return nf4_dequantize(self["weight"], self["scales"])
-
-    def _extra_repr(self) -> str:
-        return (
-            f"input_dims={self.input_dims}, output_dims={self.output_dims}, num_experts={self.num_experts}, "
-            f"group_size={self.group_size}, bits=4, mode=nf4"
-        )
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return nf4_gather_matmul(x, self["weight"], self["scales"], indices, sorted_indices)
@@ -304,7 +215,7 @@ class NF4Embedding(nn.Module):
 
     @property
     def dims(self) -> int:
-        return self.weight.shape[-1] * _CODES_PER_WORD
+        return self.weight.shape[-1] * CODES_PER_WORD
 
     def dequantize(self) -> mx.array:
         """The float table (vocab, dims)."""
@@ -318,3 +229,55 @@ class NF4Embedding(nn.Module):
 
     def as_linear(self, x: mx.array) -> mx.array:
         return nf4_matmul(x, self["weight"], self["scales"])
+
+
+# --- the common interface ---------------------------------------------------------------------
+
+
+class _NF4Base(BaseLayer):
+    def dequantize(self) -> mx.array:
+        return self.layer.dequantize()
+
+    def row_dequantizer(self) -> RowDequantizer:
+        return nf4_dequantize, (self.layer["weight"], self.layer["scales"])
+
+
+@register(NF4Linear)
+class NF4LinearBase(_NF4Base):
+    def dims(self) -> tuple[int, int]:
+        return self.layer.input_dims, self.layer.output_dims
+
+    def matmul(self, x: mx.array) -> mx.array:
+        return nf4_matmul(x, self.layer["weight"], self.layer["scales"])
+
+    def matmul_and_weight(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        w = nf4_dequantize(*after(x, self.layer["weight"], self.layer["scales"]))
+        return shared_dense_matmul(x, w, nf4_dequantize, self.layer["weight"], self.layer["scales"]), w
+
+    def quantize_like(self, linear: nn.Linear) -> nn.Module:
+        return NF4Linear.from_linear(linear, self.layer.group_size)
+
+
+@register(NF4Embedding)
+class NF4EmbeddingBase(_NF4Base, EmbeddingBase):
+    def dims(self) -> tuple[int, int]:
+        return self.layer.dims, self.layer.num_embeddings
+
+
+@register(NF4SwitchLinear)
+class NF4SwitchBase(_NF4Base, SwitchBase):
+    pass
+
+
+register_format(
+    QuantFormat(
+        name="nf4",
+        bits=(4,),
+        bits_error="nf4 quantization is 4-bit only; got bits={bits} (use mode='affine' for other widths)",
+        quantizers={
+            "linear": lambda layer, group_size, bits: NF4Linear.from_linear(layer, group_size),
+            "switch": lambda layer, group_size, bits: NF4SwitchLinear.from_switch_linear(layer, group_size),
+            "embedding": lambda layer, group_size, bits: NF4Embedding.from_embedding(layer, group_size),
+        },
+    )
+)

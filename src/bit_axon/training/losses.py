@@ -14,9 +14,8 @@ import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
-from bit_axon.fast_math import fast_exp
-from bit_axon.quantization import NF4Embedding, NF4Linear, nf4_dequantize
-from bit_axon.quantization.fast_path import affine_dequantizer
+from bit_axon.backend import settings
+from bit_axon.quantization.base import RowDequantizer, find_base
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -90,42 +89,19 @@ def target_loss(model: nn.Module, batch: TargetBatch) -> tuple[mx.array, mx.arra
     return head_cross_entropy(model, hidden, batch.targets, batch.weights)
 
 
-def _float_rows(weight: mx.array) -> mx.array:
-    return weight
-
-
-@functools.cache
-def _mlx_dequantizer(group_size: int, bits: int, mode: str) -> Callable[..., mx.array]:
-    def dequantize(w: mx.array, scales: mx.array, *biases: mx.array) -> mx.array:
-        return mx.dequantize(w, scales, biases[0] if biases else None, group_size, bits, mode=mode)
-
-    return dequantize
-
-
-def frozen_head(model: nn.Module) -> tuple[Callable[..., mx.array], tuple[mx.array, ...]] | None:
-    """``(dequantize, params)`` with ``dequantize(*params)`` the (vocab, d) weight of ``model.head``.
+def frozen_head(model: nn.Module) -> RowDequantizer | None:
+    """``(dequantize, params)`` with ``dequantize(*params)`` the (vocab, d) weight of ``model.output_head``.
 
     Every param has the vocabulary as its first axis, so ``dequantize(*(p[a:b] for p in params))``
-    gives rows a..b: the head can be dequantized a slice at a time. None when the head is trainable,
-    has a bias or is of an unknown type. Covers the tied embedding (float, NF4 or quantized) and an
-    untied ``lm_head`` of the same kinds, i.e. every QLoRA/LoRA setup: adapters never wrap the head.
+    gives rows a..b: the head can be dequantized a slice at a time. None when the model has no
+    ``output_head``, or the head is trainable, has a bias or is not a known base layer (its
+    ``BaseLayer.row_dequantizer``). Covers every QLoRA/LoRA setup: adapters never wrap the head.
     """
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "head"):
+    layer = getattr(model, "output_head", None)
+    base = None if layer is None else find_base(layer)
+    if base is None or base.kind == "switch" or "bias" in layer:
         return None
-    layer = model.embed_tokens if config.weight_tying else model.get("lm_head")
-    if isinstance(layer, (NF4Embedding, NF4Linear)):
-        params: tuple[mx.array, ...] = (layer["weight"], layer["scales"])
-        return (nf4_dequantize, params) if "bias" not in layer else None
-    if isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear)) and "bias" not in layer:
-        biases = layer.get("biases")
-        params = (layer["weight"], layer["scales"]) + (() if biases is None else (biases,))
-        if layer.mode == "affine":
-            return affine_dequantizer(layer.group_size, layer.bits), params
-        return _mlx_dequantizer(layer.group_size, layer.bits, layer.mode), params
-    if type(layer) in (nn.Embedding, nn.Linear) and "bias" not in layer and not layer.trainable_parameters():
-        return _float_rows, (layer["weight"],)
-    return None
+    return base.row_dequantizer()
 
 
 def head_cross_entropy(
@@ -168,6 +144,7 @@ def _online_softmax(
     """
     K, d = h.shape
     cols = max(1, HEAD_CHUNK_ELEMENTS // K)
+    exp = settings().exp()
     state = None
     for start in range(0, params[0].shape[0], cols):
         rows = [p[start : start + cols] for p in params]
@@ -180,8 +157,8 @@ def _online_softmax(
         if state is not None:
             m_old, s_old = state[:, -1:], state[:, -2:-1]
             top = mx.maximum(top, m_old)
-            rescale = fast_exp(m_old - top)
-        e = fast_exp(logits - top)
+            rescale = exp(m_old - top)
+        e = exp(logits - top)
         s = e.sum(axis=-1, keepdims=True)
         parts = [s, top]
         if with_grad:
