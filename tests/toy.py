@@ -116,3 +116,22 @@ def peak_memory(fn):
     mx.eval(out)
     mx.synchronize()
     return out, mx.get_peak_memory() - base
+
+
+# The (input, output) dimensions of the adapter tests' base layers (conftest's make_base / inputs).
+LINEAR_IN, LINEAR_OUT = 128, 48
+
+
+def small_config(**overrides) -> BitAxonConfig:
+    """``BitAxonConfig.small`` cut down for fast tests; it has 21 adapter target layers."""
+    values = dict(vocab_size=512, hidden_dim=64, d_source_model=64, moe_intermediate_dim=128, num_heads=4)
+    values.update(overrides)
+    return BitAxonConfig.small(**values)
+
+
+def small_model(seed: int = 0, **overrides) -> BitAxonModel:
+    """A seeded ``small_config`` model without adapters, evaluated."""
+    mx.random.seed(seed)
+    model = BitAxonModel(small_config(**overrides))
+    mx.eval(model.parameters())
+    return model

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import bit_axon  # noqa: F401  (BLAS before mlx)
-from bit_axon.quantization import NF4Linear, dense_weight
+from bit_axon.quantization import dense_weight
 from bit_axon.training.dora import DoRALinear
+from toy import LINEAR_IN as IN
+from toy import LINEAR_OUT as OUT
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,22 +14,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-IN, OUT = 128, 48
 KINDS = ["float", "affine", "nf4"]
-
-
-def make_base(kind: str, bias: bool = False) -> nn.Module:
-    mx.random.seed(2)
-    linear = nn.Linear(IN, OUT, bias=bias)
-    if kind == "affine":
-        return nn.QuantizedLinear.from_linear(linear, group_size=64, bits=4)
-    if kind == "nf4":
-        return NF4Linear.from_linear(linear, group_size=64)
-    return linear
-
-
-def inputs(seed: int = 0) -> mx.array:
-    return mx.array(np.random.default_rng(seed).normal(size=(3, 4, IN)).astype(np.float32))
 
 
 def train_randomly(layer: DoRALinear, seed: int = 0) -> None:
@@ -46,7 +33,7 @@ def reference_forward(layer: DoRALinear, x: mx.array) -> mx.array:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_magnitude_starts_at_base_row_norms(kind):
+def test_magnitude_starts_at_base_row_norms(kind, make_base):
     base = make_base(kind)
     layer = DoRALinear.from_base(base, r=8)
     assert layer.m.shape == (OUT,) and layer.m.dtype == mx.float32
@@ -55,7 +42,7 @@ def test_magnitude_starts_at_base_row_norms(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_init_reproduces_the_base_output_exactly(kind):
+def test_init_reproduces_the_base_output_exactly(kind, make_base, inputs):
     base = make_base(kind)
     x = inputs()
     y = base(x)
@@ -63,7 +50,7 @@ def test_init_reproduces_the_base_output_exactly(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_forward_matches_the_formula(kind):
+def test_forward_matches_the_formula(kind, make_base, inputs):
     layer = DoRALinear.from_base(make_base(kind), r=8)
     train_randomly(layer)
     x = inputs(1)
@@ -74,7 +61,7 @@ def test_forward_matches_the_formula(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fuse_matches_unfused_forward(kind):
+def test_fuse_matches_unfused_forward(kind, make_base, inputs):
     layer = DoRALinear.from_base(make_base(kind), r=8)
     train_randomly(layer)
     x = inputs(2)
@@ -90,7 +77,7 @@ def test_fuse_matches_unfused_forward(kind):
 
 
 @pytest.mark.parametrize("kind", ["affine", "nf4"])
-def test_fuse_requantize_within_quantization_error(kind):
+def test_fuse_requantize_within_quantization_error(kind, make_base, inputs):
     layer = DoRALinear.from_base(make_base(kind), r=8)
     train_randomly(layer)
     x = inputs(3)
@@ -100,7 +87,7 @@ def test_fuse_requantize_within_quantization_error(kind):
     assert (mx.linalg.norm(fused(x) - y) / mx.linalg.norm(y)).item() < 0.15
 
 
-def test_bias_is_added_after_renormalisation():
+def test_bias_is_added_after_renormalisation(make_base, inputs):
     layer = DoRALinear.from_base(make_base("float", bias=True), r=4)
     train_randomly(layer)
     x = inputs(4)
@@ -108,7 +95,7 @@ def test_bias_is_added_after_renormalisation():
     np.testing.assert_allclose(layer.fuse()(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_norm_is_a_constant_in_the_backward_pass():
+def test_norm_is_a_constant_in_the_backward_pass(make_base, inputs):
     """As in the DoRA paper (Sec. 4.3): gradients do not flow through ||W + delta||."""
     layer = DoRALinear.from_base(make_base("float"), r=4)
     train_randomly(layer)
@@ -135,6 +122,6 @@ def test_norm_is_a_constant_in_the_backward_pass():
     assert not np.allclose(grads["lora_b"], attached["lora_b"], rtol=1e-3, atol=0)
 
 
-def test_trainable_parameters_are_the_adapter_and_magnitude():
+def test_trainable_parameters_are_the_adapter_and_magnitude(make_base):
     layer = DoRALinear.from_base(make_base("nf4"), r=4)
     assert sorted(k for k, _ in tree_flatten(layer.trainable_parameters())) == ["lora_a", "lora_b", "m"]

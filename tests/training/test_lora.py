@@ -5,32 +5,28 @@ from __future__ import annotations
 import math
 
 import bit_axon  # noqa: F401  (BLAS before mlx)
-from bit_axon import BitAxonConfig, BitAxonModel
+from bit_axon import BitAxonConfig
 from bit_axon.quantization import NF4Linear, dense_weight, quantize_model
 from bit_axon.training import DoRALinear, LoRALinear, apply_lora_to_model
-from bit_axon.training.lora import LORA_EXCLUDED_NAMES, LORA_EXCLUDED_PATHS
+from bit_axon.training.lora import (
+    ADAPTER_KINDS,
+    LORA_EXCLUDED_NAMES,
+    LORA_EXCLUDED_PATHS,
+    AdapterConfig,
+    adapter_config,
+    adapter_layers,
+    apply_adapters,
+    register_adapter_kind,
+)
+from toy import LINEAR_IN as IN
+from toy import LINEAR_OUT as OUT
+from toy import small_model
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-IN, OUT = 128, 48
-
-
-def make_base(kind: str, bias: bool = False) -> nn.Module:
-    mx.random.seed(1)
-    linear = nn.Linear(IN, OUT, bias=bias)
-    if kind == "affine":
-        return nn.QuantizedLinear.from_linear(linear, group_size=64, bits=4)
-    if kind == "nf4":
-        return NF4Linear.from_linear(linear, group_size=64)
-    return linear
-
-
-def inputs(seed: int = 0) -> mx.array:
-    return mx.array(np.random.default_rng(seed).normal(size=(2, 5, IN)).astype(np.float32))
 
 
 def train_randomly(layer: LoRALinear, seed: int = 0) -> None:
@@ -44,7 +40,7 @@ KINDS = ["float", "affine", "nf4"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_init_shapes_and_exact_base_output(kind):
+def test_init_shapes_and_exact_base_output(kind, make_base, inputs):
     base = make_base(kind)
     x = inputs()
     y = base(x)
@@ -59,7 +55,7 @@ def test_init_shapes_and_exact_base_output(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_forward_is_base_plus_scaled_low_rank_path(kind):
+def test_forward_is_base_plus_scaled_low_rank_path(kind, make_base, inputs):
     layer = LoRALinear.from_base(make_base(kind), r=4, scale=3.0)
     train_randomly(layer)
     x = inputs(1)
@@ -68,7 +64,7 @@ def test_forward_is_base_plus_scaled_low_rank_path(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fuse_matches_unfused_forward(kind):
+def test_fuse_matches_unfused_forward(kind, make_base, inputs):
     layer = LoRALinear.from_base(make_base(kind), r=8)
     train_randomly(layer)
     x = inputs(2)
@@ -82,7 +78,7 @@ def test_fuse_matches_unfused_forward(kind):
 
 
 @pytest.mark.parametrize("kind", ["affine", "nf4"])
-def test_fuse_requantize_keeps_the_format_within_quantization_error(kind):
+def test_fuse_requantize_keeps_the_format_within_quantization_error(kind, make_base, inputs):
     layer = LoRALinear.from_base(make_base(kind), r=8)
     train_randomly(layer)
     x = inputs(3)
@@ -96,7 +92,7 @@ def test_fuse_requantize_keeps_the_format_within_quantization_error(kind):
     assert rel < 0.15
 
 
-def test_fuse_keeps_bias_and_float_base_stays_float_on_requantize():
+def test_fuse_keeps_bias_and_float_base_stays_float_on_requantize(make_base, inputs):
     layer = LoRALinear.from_base(make_base("float", bias=True), r=4)
     train_randomly(layer)
     x = inputs(4)
@@ -105,7 +101,7 @@ def test_fuse_keeps_bias_and_float_base_stays_float_on_requantize():
         np.testing.assert_allclose(fused(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_applies_to_the_adapter_path_only():
+def test_dropout_applies_to_the_adapter_path_only(make_base, inputs):
     base = make_base("float")
     x = inputs(5)
     layer = LoRALinear.from_base(base, r=4, dropout=0.5)
@@ -118,12 +114,12 @@ def test_dropout_applies_to_the_adapter_path_only():
     assert not mx.allclose(layer(x), evaluated).item()
 
 
-def test_base_is_frozen_and_only_adapter_is_trainable():
+def test_base_is_frozen_and_only_adapter_is_trainable(make_base):
     layer = LoRALinear.from_base(make_base("float"), r=4)
     assert sorted(k for k, _ in tree_flatten(layer.trainable_parameters())) == ["lora_a", "lora_b"]
 
 
-def test_rejects_non_linear_bases_and_bad_rank():
+def test_rejects_non_linear_bases_and_bad_rank(make_base):
     with pytest.raises(TypeError):
         LoRALinear.from_base(nn.Embedding(10, 64))
     with pytest.raises(ValueError, match="rank"):
@@ -131,16 +127,6 @@ def test_rejects_non_linear_bases_and_bad_rank():
 
 
 # --- apply_lora_to_model -------------------------------------------------------------------------
-
-
-def tiny_model() -> BitAxonModel:
-    mx.random.seed(0)
-    config = BitAxonConfig.small(
-        vocab_size=512, hidden_dim=64, d_source_model=64, moe_intermediate_dim=128, num_heads=4
-    )
-    model = BitAxonModel(config)
-    mx.eval(model.parameters())
-    return model
 
 
 def expected_targets(config: BitAxonConfig) -> list[str]:
@@ -166,7 +152,7 @@ def test_guide_exclusion_constants():
 
 @pytest.mark.parametrize("use_dora", [True, False])
 def test_apply_wraps_exactly_the_target_layers(use_dora):
-    model = tiny_model()
+    model = small_model()
     ids = mx.array([[5, 6, 7, 8]])
     ref, _ = model(ids)
     wrapped = apply_lora_to_model(model, rank=4, use_dora=use_dora)
@@ -186,7 +172,7 @@ def test_apply_wraps_exactly_the_target_layers(use_dora):
 
 @pytest.mark.parametrize("use_dora", [True, False])
 def test_only_adapter_parameters_are_trainable(use_dora):
-    model = tiny_model()
+    model = small_model()
     wrapped = apply_lora_to_model(model, rank=4, use_dora=use_dora)
     names = ("lora_a", "lora_b", "m") if use_dora else ("lora_a", "lora_b")
     expected = {f"{p}.{n}" for p in wrapped for n in names}
@@ -201,9 +187,67 @@ def test_only_adapter_parameters_are_trainable(use_dora):
 
 
 def test_apply_over_a_quantized_model_and_refuses_twice():
-    model = quantize_model(tiny_model(), mode="nf4")
+    model = quantize_model(small_model(), mode="nf4")
     wrapped = apply_lora_to_model(model, rank=4)
     assert sorted(wrapped) == expected_targets(model.config)
     assert isinstance(model.layer_0.ssm.in_proj.linear, NF4Linear)
     with pytest.raises(ValueError, match="already"):
         apply_lora_to_model(model)
+
+
+# --- adapter settings and kinds ------------------------------------------------------------------
+
+
+def test_adapter_config_defaults_are_the_guides_and_round_trip_through_metadata():
+    config = AdapterConfig()
+    assert (config.kind, config.rank, config.scale, config.dropout, config.use_dora) == ("dora", 8, 20.0, 0.0, True)
+    assert config.metadata() == {
+        "adapter_kind": "dora", "lora_rank": "8", "lora_scale": "20.0", "lora_dropout": "0.0", "use_dora": "true",
+    }
+    lora = AdapterConfig("lora", rank=4, scale=2.5, dropout=0.1)
+    assert not lora.use_dora and lora.metadata()["use_dora"] == "false"
+    assert AdapterConfig.from_metadata(lora.metadata()) == lora
+    assert AdapterConfig.from_metadata({}) == config
+    assert AdapterConfig.kind_for(True) == "dora" and AdapterConfig.kind_for(False) == "lora"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(kind="ia3"), "Unknown adapter kind 'ia3'; known kinds: dora, lora"),
+        (dict(rank=0), "rank"),
+        (dict(rank=2.0), "rank"),
+        (dict(rank=True), "rank"),
+        (dict(scale=float("inf")), "scale"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+    ],
+)
+def test_adapter_config_validation(settings, message):
+    with pytest.raises(ValueError, match=message):
+        AdapterConfig(**settings)
+
+
+def test_the_registry_maps_each_kind_to_its_class():
+    assert {"lora": LoRALinear, "dora": DoRALinear} == ADAPTER_KINDS
+    assert LoRALinear.kind == "lora" and DoRALinear.kind == "dora"
+    assert DoRALinear.parameter_names == ("lora_a", "lora_b", "m")
+    with pytest.raises(ValueError, match="already registered to DoRALinear"):
+        register_adapter_kind("dora")(LoRALinear)
+
+
+def test_from_base_returns_the_class_it_is_called_on(make_base):
+    for cls in (LoRALinear, DoRALinear):
+        layer = cls.from_base(make_base("nf4"), r=2, scale=3.0, dropout=0.25)
+        assert type(layer) is cls
+        assert layer.config == AdapterConfig(cls.kind, rank=2, scale=3.0, dropout=0.25)
+
+
+def test_adapter_config_of_a_model_reads_back_what_was_applied():
+    model = small_model()
+    apply_lora_to_model(model, rank=4, dropout=0.1, scale=3.0, use_dora=False)
+    assert adapter_config(model) == AdapterConfig("lora", rank=4, scale=3.0, dropout=0.1)
+    model = small_model()
+    apply_adapters(model, AdapterConfig())
+    assert adapter_config(model) == AdapterConfig()
+    assert all(type(layer) is DoRALinear and layer.rank == 8 for _, layer in adapter_layers(model))

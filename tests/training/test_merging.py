@@ -6,14 +6,23 @@ import json
 import logging
 
 import bit_axon  # noqa: F401  (BLAS before mlx)
-from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.io import atomic_save_safetensors
 from bit_axon.loading import load_model, save_model
 from bit_axon.quantization import NF4Linear, quantize_model
 from bit_axon.training.checkpoint import load_adapter, save_adapter_only
 from bit_axon.training.dora import DoRALinear
-from bit_axon.training.lora import LoRALinear, adapter_layers, apply_lora_to_model
+from bit_axon.training.lora import (
+    ADAPTER_KINDS,
+    AdapterConfig,
+    LoRALinear,
+    adapter_config,
+    adapter_layers,
+    apply_adapters,
+    apply_lora_to_model,
+    register_adapter_kind,
+)
 from bit_axon.training.merging import load_and_merge, merge_adapters, save_merged_model
+from toy import small_config, small_model
 
 import mlx.core as mx
 import numpy as np
@@ -21,19 +30,6 @@ import pytest
 from mlx.utils import tree_flatten
 
 IDS = mx.array([[11, 22, 33, 44, 55, 66]])
-
-
-def tiny_config(**overrides) -> BitAxonConfig:
-    values = dict(vocab_size=512, hidden_dim=64, d_source_model=64, moe_intermediate_dim=128, num_heads=4)
-    values.update(overrides)
-    return BitAxonConfig.small(**values)
-
-
-def tiny_model(seed: int = 0, **overrides) -> BitAxonModel:
-    mx.random.seed(seed)
-    model = BitAxonModel(tiny_config(**overrides))
-    mx.eval(model.parameters())
-    return model
 
 
 def train_randomly(model, seed: int = 0) -> None:
@@ -53,7 +49,7 @@ def logits(model) -> mx.array:
 
 @pytest.fixture(params=["float", "nf4", "affine"])
 def base_dir(request, tmp_path):
-    model = tiny_model()
+    model = small_model()
     if request.param != "float":
         quantize_model(model, mode=request.param)
     return save_model(model, tmp_path / f"base-{request.param}")
@@ -88,32 +84,32 @@ def test_adapter_file_round_trip(base_dir, tmp_path, use_dora):
 
 
 def test_load_adapter_rejects_an_adapter_for_another_model(tmp_path):
-    model = tiny_model()
+    model = small_model()
     apply_lora_to_model(model, rank=4)
     path = save_adapter_only(model, tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="does not match"):
-        load_adapter(tiny_model(hidden_dim=128), path)  # same layers, other shapes
+        load_adapter(small_model(hidden_dim=128), path)  # same layers, other shapes
     with pytest.raises(ValueError, match="does not match"):
-        load_adapter(tiny_model(num_layers=6), path)  # other layers
+        load_adapter(small_model(num_layers=6), path)  # other layers
 
 
 def test_load_adapter_rejects_files_without_adapters(tmp_path):
     path = tmp_path / "weights.safetensors"
     atomic_save_safetensors(path, {"input_proj.weight": mx.zeros((64, 64))})
     with pytest.raises(ValueError, match="no adapter weights"):
-        load_adapter(tiny_model(), path)
+        load_adapter(small_model(), path)
     with pytest.raises(FileNotFoundError):
-        load_adapter(tiny_model(), tmp_path / "missing.safetensors")
+        load_adapter(small_model(), tmp_path / "missing.safetensors")
 
 
 def test_load_adapter_infers_kind_and_rank_from_keys_without_metadata(tmp_path, caplog):
-    model = tiny_model()
+    model = small_model()
     apply_lora_to_model(model, rank=2, use_dora=True)
     train_randomly(model)
     # A full checkpoint-style file: all parameters, no adapter metadata.
     path = tmp_path / "adapters.safetensors"
     atomic_save_safetensors(path, dict(tree_flatten(model.parameters())))
-    fresh = tiny_model()
+    fresh = small_model()
     with caplog.at_level(logging.WARNING):
         load_adapter(fresh, path)
     assert "lora_scale" in caplog.text  # the default scale is assumed, loudly
@@ -123,7 +119,98 @@ def test_load_adapter_infers_kind_and_rank_from_keys_without_metadata(tmp_path, 
 
 def test_save_adapter_only_requires_adapters(tmp_path):
     with pytest.raises(ValueError, match="no LoRA/DoRA adapters"):
-        save_adapter_only(tiny_model(), tmp_path / "a.safetensors")
+        save_adapter_only(small_model(), tmp_path / "a.safetensors")
+
+
+def rewrite_metadata(path, **changes) -> None:
+    """Rewrite an adapter file's metadata: a value of None drops the key."""
+    tensors, metadata = mx.load(str(path), return_metadata=True)
+    metadata = {k: v for k, v in {**metadata, **changes}.items() if v is not None}
+    atomic_save_safetensors(path, tensors, metadata=metadata)
+
+
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_adapter_file_records_the_kind(tmp_path, use_dora):
+    model = small_model()
+    apply_lora_to_model(model, rank=4, use_dora=use_dora)
+    path = save_adapter_only(model, tmp_path / "a.safetensors")
+    _, metadata = mx.load(str(path), return_metadata=True)
+    assert metadata["adapter_kind"] == ("dora" if use_dora else "lora")
+
+
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_files_without_a_recorded_kind_still_load(tmp_path, caplog, use_dora):
+    """Files written before ``adapter_kind`` existed: the kind is inferred from the tensors, once, loudly."""
+    model = small_model()
+    apply_lora_to_model(model, rank=4, use_dora=use_dora, scale=10.0)
+    train_randomly(model)
+    path = save_adapter_only(model, tmp_path / "old.safetensors")
+    rewrite_metadata(path, adapter_kind=None)
+    fresh = small_model()
+    with caplog.at_level(logging.WARNING):
+        load_adapter(fresh, path)
+    inferred = [r for r in caplog.records if "adapter_kind" in r.getMessage()]
+    assert len(inferred) == 1 and str(path) in inferred[0].getMessage()
+    cls = DoRALinear if use_dora else LoRALinear
+    assert all(type(layer) is cls and layer.scale == 10.0 for _, layer in adapter_layers(fresh))
+    assert mx.array_equal(logits(fresh), logits(model))
+
+
+def test_a_recorded_kind_is_not_guessed_from_the_tensors(tmp_path):
+    model = small_model()
+    apply_lora_to_model(model, rank=4, use_dora=True)
+    path = save_adapter_only(model, tmp_path / "a.safetensors")
+    rewrite_metadata(path, adapter_kind="lora", use_dora="false")  # DoRA tensors, LoRA recorded
+    with pytest.raises(ValueError, match="incomplete adapter tensors"):
+        load_adapter(small_model(), path)
+
+
+def test_an_unregistered_kind_is_a_clear_error(tmp_path):
+    model = small_model()
+    apply_lora_to_model(model, rank=4)
+    path = save_adapter_only(model, tmp_path / "a.safetensors")
+    rewrite_metadata(path, adapter_kind="ia3")
+    with pytest.raises(ValueError, match="Unknown adapter kind 'ia3'; known kinds: dora, lora") as err:
+        load_adapter(small_model(), path)
+    assert str(path) in str(err.value)
+
+
+@pytest.fixture
+def gated_kind():
+    """A third adapter kind, defined and registered the way a new kind's module would do it."""
+
+    @register_adapter_kind("gated")
+    class GatedLoRA(LoRALinear):
+        parameter_names = (*LoRALinear.parameter_names, "gate")
+
+        def __init__(self, linear, config):
+            super().__init__(linear, config)
+            self.gate = mx.ones((self.lora_b.shape[1],))
+
+        def __call__(self, x):
+            y = self.linear(x)
+            return y + self.gate * (super().__call__(x) - y)
+
+    yield GatedLoRA
+    del ADAPTER_KINDS["gated"]
+
+
+def test_a_new_kind_round_trips_through_an_adapter_file(tmp_path, gated_kind):
+    model = small_model()
+    config = AdapterConfig("gated", rank=2, scale=5.0)
+    apply_adapters(model, config)
+    assert {k.rsplit(".", 1)[1] for k, _ in tree_flatten(model.trainable_parameters())} == {
+        "lora_a", "lora_b", "gate"
+    }
+    train_randomly(model)
+    for _, layer in adapter_layers(model):
+        layer.gate = mx.full(layer.gate.shape, 0.5)
+    path = save_adapter_only(model, tmp_path / "gated.safetensors")
+    fresh = small_model()
+    load_adapter(fresh, path)
+    assert adapter_config(fresh) == config
+    assert all(type(layer) is gated_kind for _, layer in adapter_layers(fresh))
+    assert mx.array_equal(logits(fresh), logits(model))
 
 
 # --- merging -------------------------------------------------------------------------------------
@@ -131,7 +218,7 @@ def test_save_adapter_only_requires_adapters(tmp_path):
 
 @pytest.mark.parametrize("use_dora", [True, False])
 def test_merge_adapters_float_base_keeps_logits(tmp_path, use_dora):
-    model = tiny_model()
+    model = small_model()
     apply_lora_to_model(model, rank=4, use_dora=use_dora)
     train_randomly(model)
     ref = logits(model)
@@ -141,7 +228,7 @@ def test_merge_adapters_float_base_keeps_logits(tmp_path, use_dora):
 
 
 def test_merge_adapters_requantizes_quantized_bases():
-    model = quantize_model(tiny_model(), mode="nf4")
+    model = quantize_model(small_model(), mode="nf4")
     apply_lora_to_model(model, rank=4)
     train_randomly(model)
     merge_adapters(model)
@@ -150,13 +237,13 @@ def test_merge_adapters_requantizes_quantized_bases():
 
 
 def test_save_merged_model_checks_its_input(tmp_path):
-    model = tiny_model()
+    model = small_model()
     apply_lora_to_model(model, rank=4)
     with pytest.raises(ValueError, match="merge_adapters"):
         save_merged_model(model, tmp_path / "out")
     merge_adapters(model)
     with pytest.raises(ValueError, match="config"):
-        save_merged_model(model, tmp_path / "out", config=tiny_config(hidden_dim=128))
+        save_merged_model(model, tmp_path / "out", config=small_config(hidden_dim=128))
     out = save_merged_model(model, tmp_path / "out", config=model.config)
     np.testing.assert_allclose(logits(load_model(out)), logits(model), rtol=1e-6, atol=1e-6)
 
@@ -194,7 +281,7 @@ def test_load_and_merge_requantized_equals_the_in_memory_fused_model(base_dir, t
 
 
 def test_load_and_merge_to_other_bits_goes_through_full_precision(tmp_path):
-    base = save_model(quantize_model(tiny_model(), mode="affine"), tmp_path / "base")
+    base = save_model(quantize_model(small_model(), mode="affine"), tmp_path / "base")
     model = adapted(base)
     adapter = save_adapter_only(model, tmp_path / "adapter.safetensors")
     out = load_and_merge(base, adapter, tmp_path / "merged", bits=8, group_size=32, lora_rank=None)
@@ -205,14 +292,14 @@ def test_load_and_merge_to_other_bits_goes_through_full_precision(tmp_path):
 
 
 def test_load_and_merge_errors(tmp_path):
-    base = save_model(tiny_model(), tmp_path / "base")
+    base = save_model(small_model(), tmp_path / "base")
     model = adapted(base, rank=4)
     adapter = save_adapter_only(model, tmp_path / "adapter.safetensors")
     with pytest.raises(ValueError, match="rank 4"):
         load_and_merge(base, adapter, tmp_path / "out", lora_rank=8)
     with pytest.raises(FileNotFoundError):
         load_and_merge(base, tmp_path / "nope.safetensors", tmp_path / "out")
-    other = save_model(tiny_model(num_layers=6), tmp_path / "other")
+    other = save_model(small_model(num_layers=6), tmp_path / "other")
     with pytest.raises(ValueError, match="does not match"):
         load_and_merge(other, adapter, tmp_path / "out", lora_rank=4)
     assert not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ differentiating a norm over the full (out, in) weight at a negligible cost in ac
 from __future__ import annotations
 
 from bit_axon.quantization import dense_weight, linear_matmul_and_weight, quantize_like
-from bit_axon.training.lora import LoRALinear
+from bit_axon.training.lora import AdapterConfig, LoRALinear, register_adapter_kind
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,18 +22,16 @@ def _row_norm_sq(w: mx.array) -> mx.array:
     return (w * w).sum(axis=1)
 
 
+@register_adapter_kind("dora")
 class DoRALinear(LoRALinear):
     """A LoRA layer whose output rows are re-scaled to the trainable magnitude ``m`` (output_dims,)."""
 
-    def __init__(self, linear: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0):
-        super().__init__(linear, r=r, scale=scale, dropout=dropout)
+    parameter_names = (*LoRALinear.parameter_names, "m")
+
+    def __init__(self, linear: nn.Module, config: AdapterConfig):
+        super().__init__(linear, config)
         # Computed exactly as adapted_norm() does with B = 0, so a fresh adapter's ratio is exactly 1.
         self.m = mx.sqrt(_row_norm_sq(dense_weight(self.linear).astype(mx.float32)))
-
-    @classmethod
-    def from_base(cls, linear: nn.Module, r: int = 8, scale: float = 20.0, dropout: float = 0.0) -> DoRALinear:
-        """Wrap an existing ``nn.Linear``, ``nn.QuantizedLinear`` or ``NF4Linear``, keeping its weights."""
-        return cls(linear, r=r, scale=scale, dropout=dropout)
 
     def adapted_norm(self, w: mx.array | None = None) -> mx.array:
         """Row norms of ``W + scale B^T A^T`` (output_dims,), without forming the (out, in) update.

@@ -8,7 +8,7 @@ from bit_axon.config import BitAxonConfig
 from bit_axon.loading import load_model, save_model
 from bit_axon.quantization import DEFAULT_MODE, dequantize_model, quantization_spec, quantize_model
 from bit_axon.training.checkpoint import load_adapter
-from bit_axon.training.lora import adapter_config, adapter_layers
+from bit_axon.training.lora import AdapterConfig, adapter_config, adapter_layers
 
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
@@ -51,12 +51,12 @@ def load_and_merge(
     quantize_after_merge: bool = True,
     bits: int = 4,
     group_size: int = 64,
-    lora_rank: int | None = 8,
+    lora_rank: int | None = AdapterConfig.rank,
 ) -> Path:
     """Load a base model directory and an adapter file, merge them and save the result to ``output_dir``.
 
-    The adapter's kind (DoRA if it has ``.m`` tensors) and rank come from the file; ``lora_rank`` is
-    checked against it (``None`` skips the check). With ``quantize_after_merge`` the merged model is
+    The adapter's kind and rank come from the file (see ``load_adapter``); ``lora_rank`` is checked
+    against it (``None`` skips the check). With ``quantize_after_merge`` the merged model is
     quantized with ``bits``/``group_size`` in the base's mode (NF4 for a float base, see
     ``bit_axon.quantization``); a base already in that format keeps its untouched layers' codes
     as they are and only the fused layers are quantized again. Without it, everything is saved in
