@@ -80,3 +80,101 @@ def test_bad_arguments_give_clear_errors(tmp_path, args, message):
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+# --- the options are TrainingConfig's fields --------------------------------------------------------
+
+GUIDE_OPTIONS = {  # the guide's table: flag -> (short flag, default)
+    "--model-weights": ("-w", None), "--tokenizer": ("-t", "Qwen/Qwen2.5-3B"), "--val-data": (None, None),
+    "--lora-rank": (None, 8), "--lora-dropout": (None, 0.0), "--lora-scale": (None, 20.0),
+    "--no-dora": (None, False), "--learning-rate": ("-lr", 1e-4), "--max-steps": (None, 10_000),
+    "--batch-size": (None, 1), "--grad-accum-steps": (None, 4), "--max-seq-len": (None, 2048),
+    "--warmup-steps": (None, 100), "--max-grad-norm": (None, 1.0), "--seed": (None, 42),
+    "--no-thermal": (None, False), "--temp-pause": (None, 85.0), "--temp-stop": (None, 95.0),
+    "--output-dir": ("-o", "checkpoints"), "--save-every": (None, 500), "--eval-every": (None, 500),
+    "--resume": (None, False), "--config-small": (None, False),
+}
+
+
+def _train_options():
+    import typer
+
+    command = typer.main.get_command(app).commands["train"]
+    return {opt: (param, param.opts + param.secondary_opts) for param in command.params for opt in param.opts}
+
+
+def test_help_has_the_guides_options_short_flags_and_defaults():
+    options = _train_options()
+    for flag, (short, default) in GUIDE_OPTIONS.items():
+        param, names = options[flag]
+        assert (short in names) if short else len(names) == 1, flag
+        assert param.default == default, flag
+    result = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for line in ("--lora-rank", "[default: 8]", "[default: 20.0]", "[default: 0.0001]", "[default: checkpoints]"):
+        assert line in result.output
+
+
+def test_every_training_config_field_is_an_option():
+    from dataclasses import fields
+
+    from bit_axon.training.config import TrainingConfig
+
+    names = {param.name for param, _ in _train_options().values()}
+    assert {f.name for f in fields(TrainingConfig)} <= names
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([], {}),
+        (["--no-dora", "--max-steps", "3", "-lr", "2e-4", "-o", "{out}"],
+         {"use_dora": False, "max_steps": 3, "learning_rate": 2e-4, "output_dir": "{out}"}),
+        (["--quantize-mode", "affine", "--quantize-bits", "5", "--grad-checkpoint"],
+         {"quantize_mode": "affine", "quantize_bits": 5, "grad_checkpoint": True}),
+        # The guide's CLI has no warm threshold: a low --temp-pause takes the warm zone down with it.
+        (["--temp-pause", "70", "--temp-stop", "80"], {"temp_pause": 70.0, "temp_stop": 80.0, "temp_max_speed": 69.0}),
+        (["--temp-pause", "70", "--temp-max-speed", "60"], {"temp_pause": 70.0, "temp_max_speed": 60.0}),
+        (["--training-mode", "sft", "--memory-limit-gb", "2"], {"memory_limit_gb": 2.0}),
+    ],
+)
+def test_only_the_options_given_override_training_config(tmp_path, monkeypatch, args, expected):
+    from bit_axon.training.config import TrainingConfig
+
+    seen = {}
+
+    def fake_run_training(data, config, **kwargs):
+        seen["config"] = config
+        return {"adapter_path": "x", "step": 0}
+
+    monkeypatch.setattr("bit_axon.cli.train.run_training", fake_run_training)
+    sft = _subset(tmp_path, "sft.jsonl", 2)
+    out = str(tmp_path / "out")
+    args = [a.format(out=out) for a in args]
+    result = runner.invoke(app, ["train", str(sft), "--config-small", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    expected = {k: v.format(out=out) if isinstance(v, str) else v for k, v in expected.items()}
+    assert seen["config"] == TrainingConfig(**{"training_mode": "sft", **expected})
+
+
+def test_run_training_uses_the_tokenizers_special_ids(tmp_path, monkeypatch, model_dir):
+    import bit_axon.tokenizer
+    from bit_axon.training.trainer import Trainer
+
+    class OtherIds(bit_axon.tokenizer.QwenTokenizerWrapper):  # ids unlike packing's Qwen defaults
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.eos_token_id, self.pad_token_id = 7, 9
+
+    monkeypatch.setattr(bit_axon.tokenizer, "QwenTokenizerWrapper", OtherIds)
+    seen = {}
+
+    def fake_train(self, resume=False):
+        seen.update(eos=self.eos_token_id, pad=self.pad_token_id)
+        return {"adapter_path": "x", "step": 0}
+
+    monkeypatch.setattr(Trainer, "train", fake_train)
+    data = _subset(tmp_path, "sft.jsonl", 2)
+    result = _train(data, "-w", model_dir, "-o", tmp_path / "run", "--max-steps", "1", *COMMON)
+    assert result.exit_code == 0, result.output
+    assert seen == {"eos": 7, "pad": 9}

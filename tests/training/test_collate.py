@@ -104,13 +104,16 @@ def test_loop_runs_on_across_epochs_with_full_batches():
     assert not (np.array(batches[-1].token_ids) == P).all(axis=1).any()  # no padding rows when looping
 
 
-def test_iterator_truncation_warns_once(caplog):
-    data = [(list(range(1, 20)), [1] * 19), ([1, 2], [1, 1]), (list(range(1, 30)), [1] * 29)]
-    with caplog.at_level(logging.WARNING, logger="bit_axon.training.collate"):
+def test_iterator_never_cuts_examples(caplog):
+    # Examples of max_seq_len - 1 tokens go in whole, silently; a longer one is a programming error
+    # (the dataset, built with the same max_seq_len, cuts when it loads).
+    data = [(list(range(1, 10)), [1] * 9), ([1, 2], [1, 1])]
+    with caplog.at_level(logging.WARNING):
         batches = list(iterate_batches(data, 1, 10, shuffle=False))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].startswith("2 of 3 examples") and "first: example 0" in warnings[0]
-    assert [b.token_ids.shape for b in batches] == [(1, 10)] * 3
+    assert not caplog.records
+    assert np.array(batches[0].token_ids).tolist() == [[*range(1, 10), E]]
+    with pytest.raises(ValueError, match="does not fit a row of max_seq_len=10"):
+        list(iterate_batches([(list(range(1, 11)), [1] * 10)], 1, 10))
 
 
 def test_bad_arguments():
@@ -210,9 +213,9 @@ def test_orpo_real_dataset_labels(tmp_path, qwen_tokenizer):
                 assert "What is" in qwen_tokenizer.decode(row.tolist())
 
 
-def test_orpo_iterator_truncates_and_rejects_prompt_overflow():
+def test_orpo_iterator_never_cuts_pairs():
     pair = PreferencePair([1, 2, 3, 4, 5], [0, 0, 1, 1, 1], [1, 2, 6], [0, 0, 1])
-    batch = next(iterate_orpo_batches([pair], 1, 4))
-    assert np.array(batch.chosen_ids).tolist() == [[1, 2, 3, 4]]
-    with pytest.raises(ValueError, match="prompt fills"):
-        next(iterate_orpo_batches([pair], 1, 2))
+    batch = next(iterate_orpo_batches([pair], 1, 5))
+    assert np.array(batch.chosen_ids).tolist() == [[1, 2, 3, 4, 5]]
+    with pytest.raises(ValueError, match="longer than max_seq_len=4"):
+        next(iterate_orpo_batches([pair], 1, 4))

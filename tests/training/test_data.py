@@ -235,7 +235,37 @@ def test_too_long_examples_truncated_with_one_warning(tmp_path, qwen_tokenizer, 
     assert data.num_truncated == 2
     assert all(len(ids) <= 32 and len(mask) == len(ids) for ids, mask in data)
     full = qwen_tokenizer.apply_chat_template(long["messages"])
-    assert data[1][0] == full[:32]
+    # Cut once, to max_seq_len - 1: room for the EOS that packing appends, so packing never cuts.
+    assert data[1][0] == full[:31]
+    assert "max_seq_len - 1" in warnings[0]
+
+
+def test_example_of_max_seq_len_minus_one_tokens_is_packed_whole(tmp_path, qwen_tokenizer, caplog):
+    from bit_axon.training.collate import iterate_batches
+
+    messages = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "one two three"}]
+    length = len(qwen_tokenizer.apply_chat_template(messages))
+    path = write_jsonl(tmp_path / "exact.jsonl", [{"messages": messages}])
+    with caplog.at_level(logging.WARNING):
+        data = SFTDataset(path, qwen_tokenizer, max_seq_len=length + 1)
+        [batch] = iterate_batches(data, 1, length + 1, shuffle=False)
+    assert not caplog.records and data.num_truncated == 0
+    assert batch.token_ids[0].tolist() == data[0][0] + [data.eos_token_id]
+
+
+@pytest.mark.parametrize("cls", [SFTDataset, AlpacaDataset, ORPODataset])
+def test_datasets_carry_their_tokenizers_special_ids(tmp_path, qwen_tokenizer, cls):
+    record = {"messages": CONVERSATIONS[0], **ORPO_STRINGS, "instruction": "a", "output": "b"}
+    data = cls(write_jsonl(tmp_path / "d.jsonl", [record]), qwen_tokenizer)
+    assert (data.eos_token_id, data.pad_token_id) == (qwen_tokenizer.eos_token_id, qwen_tokenizer.pad_token_id)
+    assert (data.eos_token_id, data.pad_token_id) == (151645, 151643)
+
+
+@pytest.mark.parametrize("max_seq_len", [1, 0, 2.5, True])
+def test_bad_max_seq_len(tmp_path, qwen_tokenizer, max_seq_len):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATIONS[0]}])
+    with pytest.raises(ValueError, match="max_seq_len must be an integer >= 2"):
+        SFTDataset(path, qwen_tokenizer, max_seq_len=max_seq_len)
 
 
 def test_orpo_truncation_and_prompt_too_long(tmp_path, qwen_tokenizer, caplog):

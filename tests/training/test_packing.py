@@ -38,11 +38,20 @@ def test_full_row_is_emitted_at_once():
     assert packer.flush() is None
 
 
-def test_truncation_counted():
+def test_too_long_example_is_refused_not_cut():
+    # The datasets cut once, to max_seq_len - 1; the packer never cuts again.
     packer = SequencePacker(4)
-    rows = packer.add_example([1, 2, 3, 4, 5], [1, 1, 1, 1, 1])
-    assert rows == [PackedBatch([1, 2, 3, E], [1, 1, 1, 0], [0, 0, 0, 0])]
-    assert packer.num_truncated == 1
+    with pytest.raises(ValueError, match="does not fit a row of max_seq_len=4"):
+        packer.add_example([1, 2, 3, 4], [1, 1, 1, 1])
+    assert packer.add_example([1, 2, 3], [1, 1, 1]) == [PackedBatch([1, 2, 3, E], [1, 1, 1, 0], [0, 0, 0, 0])]
+
+
+def test_packed_batch_as_the_guide_writes_it():
+    row = PackedBatch([1, 2, E, P], [1, 1, 0, 0])
+    assert row.segment_ids == [0, 0, 0, 0]
+    assert row == PackedBatch([1, 2, E, P], [1, 1, 0, 0], [0, 0, 0, 0])
+    token_ids, loss_mask, segment_ids = PackedBatch([1], [1], [3])
+    assert (token_ids, loss_mask, segment_ids) == ([1], [1], [3])
 
 
 def test_bad_examples_rejected():
@@ -53,6 +62,8 @@ def test_bad_examples_rejected():
         packer.add_example([], [])
     with pytest.raises(ValueError, match="max_seq_len"):
         SequencePacker(1)
+    with pytest.raises(ValueError, match="max_seq_len must be an integer"):
+        SequencePacker(8.0)
 
 
 def test_padding_row():
@@ -75,10 +86,11 @@ examples_strategy = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(examples=examples_strategy, max_seq_len=st.integers(2, 40))
 def test_packing_invariants(examples, max_seq_len):
-    rows, packer = pack_all(examples, max_seq_len)
     limit = max_seq_len - 1
-    expected = [(ids[:limit], mask[:limit]) for ids, mask in examples]
-    assert packer.num_truncated == sum(len(ids) > limit for ids, _ in examples)
+    # What a dataset built with this max_seq_len holds: examples cut to max_seq_len - 1.
+    examples = [(ids[:limit], mask[:limit]) for ids, mask in examples]
+    rows, _ = pack_all(examples, max_seq_len)
+    expected = examples
 
     recovered = []
     for row in rows:

@@ -64,7 +64,10 @@ def demo(
 
     def snapshot() -> tuple[float, list[str]]:
         model.eval()
-        loss = evaluate_model(model, val, batch_size=2, seq_length=config.max_seq_len, max_tokens=400)["loss"]
+        loss = evaluate_model(
+            model, val, batch_size=2, seq_length=config.max_seq_len, max_tokens=400,
+            eos_token_id=val.eos_token_id, pad_token_id=val.pad_token_id,
+        )["loss"]
         answers = [
             generate(model, tokenizer, tokenizer.apply_chat_template(q, add_generation_prompt=True), max_tokens=20)
             for q in questions

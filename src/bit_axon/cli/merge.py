@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bit_axon.cli.options import parameter_defaults
 from bit_axon.training.merging import load_and_merge
 
 import typer
 from rich.console import Console
+
+DEFAULTS = parameter_defaults(load_and_merge)  # quantize_after_merge, bits, group_size
 
 
 def merge(
@@ -15,10 +18,10 @@ def merge(
     adapter: Path = typer.Option(..., "--adapter", help="Adapter file (*.safetensors) to merge."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the merged model to."),
     re_quantize: bool = typer.Option(
-        True, "--re-quantize/--no-re-quantize", help="Quantize the merged model (default) or keep full precision."
+        DEFAULTS["quantize_after_merge"], "--re-quantize/--no-re-quantize", help="Quantize the merged model (default) or keep full precision."
     ),
-    bits: int = typer.Option(4, "--bits", "-b", help="Bits per weight when re-quantizing."),
-    group_size: int = typer.Option(64, "--group-size", "-g", help="Quantization group size when re-quantizing."),
+    bits: int = typer.Option(DEFAULTS["bits"], "--bits", "-b", help="Bits per weight when re-quantizing."),
+    group_size: int = typer.Option(DEFAULTS["group_size"], "--group-size", "-g", help="Quantization group size when re-quantizing."),
     lora_rank: int | None = typer.Option(
         None, "--lora-rank", "-r", help="Expected adapter rank; checked against the file (read from it if omitted)."
     ),

@@ -5,25 +5,28 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 
+from bit_axon.cli.options import parameter_defaults
 from bit_axon.loading import load_model, save_model
-from bit_axon.quantization import DEFAULT_MODE, quantize_model
+from bit_axon.quantization import AFFINE_BITS, GROUP_SIZES, QUANT_MODES, quantize_model
 
 import typer
 from rich.console import Console
 
+QuantMode = Enum("QuantMode", {m: m for m in QUANT_MODES}, type=str)
+DEFAULTS = parameter_defaults(quantize_model)  # bits, group_size, mode
 
-class QuantMode(str, Enum):
-    nf4 = "nf4"
-    affine = "affine"
+
+def _listed(values: tuple[int, ...]) -> str:
+    return ", ".join(map(str, values[:-1])) + f" or {values[-1]}"
 
 
 def quantize(
     model_path: Path = typer.Argument(..., help="Model directory (config.json + *.safetensors)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the quantized model to."),
-    bits: int = typer.Option(4, "--bits", "-b", help="Bits per weight (nf4: 4; affine: 2, 3, 4, 5, 6 or 8)."),
-    group_size: int = typer.Option(64, "--group-size", "-g", help="Weights per scale (32, 64 or 128)."),
+    bits: int = typer.Option(DEFAULTS["bits"], "--bits", "-b", help=f"Bits per weight (nf4: 4; affine: {_listed(AFFINE_BITS)})."),
+    group_size: int = typer.Option(DEFAULTS["group_size"], "--group-size", "-g", help=f"Weights per scale ({_listed(GROUP_SIZES)})."),
     mode: QuantMode = typer.Option(
-        DEFAULT_MODE, "--mode", help="nf4: QLoRA's 4-bit NormalFloat; affine: MLX's native quantization."
+        DEFAULTS["mode"], "--mode", help="nf4: QLoRA's 4-bit NormalFloat; affine: MLX's native quantization."
     ),
 ) -> None:
     """Quantize a model's linear, expert and embedding weights."""

@@ -7,21 +7,28 @@ next-token loss uses inputs ``token_ids[:, :-1]``, targets ``token_ids[:, 1:]`` 
 ORPO: ``OrpoBatch(chosen_ids, chosen_labels, rejected_ids, rejected_labels)``, each (B, L), L the
 longest sequence of the batch. Labels are the token ids (not shifted) on response tokens and
 ``IGNORE_INDEX`` on the prompt and the padding.
+
+Nothing here cuts examples: the datasets did, once, when they were built with the same
+``max_seq_len`` (an example that is still too long is an error).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from bit_axon.training.data import PreferencePair
-from bit_axon.training.packing import EOS_TOKEN_ID, PAD_TOKEN_ID, PackedBatch, SequencePacker, padding_row
+from bit_axon.training.packing import (
+    EOS_TOKEN_ID,
+    PAD_TOKEN_ID,
+    PackedBatch,
+    SequencePacker,
+    check_max_seq_len,
+    padding_row,
+)
 
 import mlx.core as mx
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -73,17 +80,7 @@ def _check_args(dataset: Sequence, batch_size: int, max_seq_len: int) -> None:
         raise ValueError("cannot iterate over an empty dataset")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
-
-
-def _warn_too_long(lengths: Sequence[int], limit: int, why: str) -> None:
-    too_long = [i for i, n in enumerate(lengths) if n > limit]
-    if too_long:
-        logger.warning(
-            "%d of %d examples are longer than %d tokens (%s) and will be truncated (first: example %d, %d tokens)",
-            len(too_long), len(lengths), limit, why, too_long[0], lengths[too_long[0]],
-        )
+    check_max_seq_len(max_seq_len)
 
 
 def iterate_batches(
@@ -104,7 +101,6 @@ def iterate_batches(
     the epoch boundary, so every batch is full of real data.
     """
     _check_args(dataset, batch_size, max_seq_len)
-    _warn_too_long([len(dataset[i][0]) for i in range(len(dataset))], max_seq_len - 1, "max_seq_len - 1, room for EOS")
     packer = SequencePacker(max_seq_len, eos_token_id, pad_token_id)
     collate = BatchCollator(batch_size, pad_token_id)
     rows: list[PackedBatch] = []
@@ -148,19 +144,14 @@ def collate_orpo(pairs: Sequence[PreferencePair], pad_token_id: int = PAD_TOKEN_
     )
 
 
-def _fit_pair(pair: PreferencePair, max_seq_len: int) -> PreferencePair:
-    if len(pair.chosen_ids) <= max_seq_len and len(pair.rejected_ids) <= max_seq_len:
-        return pair
-    cut = PreferencePair(
-        pair.chosen_ids[:max_seq_len], pair.chosen_mask[:max_seq_len],
-        pair.rejected_ids[:max_seq_len], pair.rejected_mask[:max_seq_len],
-    )
-    if not any(cut.chosen_mask) or not any(cut.rejected_mask):
+def _fitting(pair: PreferencePair, max_seq_len: int) -> PreferencePair:
+    length = max(len(pair.chosen_ids), len(pair.rejected_ids))
+    if length > max_seq_len:
         raise ValueError(
-            f"a preference pair's prompt fills all of max_seq_len={max_seq_len} tokens; build the dataset "
-            "with the same max_seq_len so that it is caught at load time"
+            f"a preference pair of {length} tokens is longer than max_seq_len={max_seq_len}; build the dataset "
+            f"with max_seq_len={max_seq_len} so that it is cut when loaded"
         )
-    return cut
+    return pair
 
 
 def iterate_orpo_batches(
@@ -179,13 +170,11 @@ def iterate_orpo_batches(
     ``loop`` pairs run on across epochs and every batch is full.
     """
     _check_args(dataset, batch_size, max_seq_len)
-    lengths = [max(len(p.chosen_ids), len(p.rejected_ids)) for p in (dataset[i] for i in range(len(dataset)))]
-    _warn_too_long(lengths, max_seq_len, "max_seq_len")
     pending: list[PreferencePair] = []
     epoch = 0
     while True:
         for i in _epoch_order(len(dataset), shuffle, seed, epoch):
-            pending.append(_fit_pair(dataset[int(i)], max_seq_len))
+            pending.append(_fitting(dataset[int(i)], max_seq_len))
             if len(pending) == batch_size:
                 yield collate_orpo(pending, pad_token_id)
                 pending = []

@@ -1,12 +1,52 @@
-"""TrainingConfig: every hyperparameter of a fine-tuning run, with the guide's defaults."""
+"""TrainingConfig: every setting of a fine-tuning run, as the guide names them, flat.
+
+Each group of fields belongs to the dataclass or function that uses it, which holds its default and
+its validation: the adapter fields to ``AdapterConfig`` (``adapter_config()``), the thermal thresholds
+to ``ThermalPolicy`` (``thermal_policy()``), the quantization fields to
+``bit_axon.quantization.quantization_spec``. ``TrainingConfig`` takes its defaults from them and asks
+them to validate, renaming their fields to its own in the message. ``to_dict``/``from_dict`` round-trip
+(checkpoints record the resolved settings); the CLI's options are generated from the fields.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+from bit_axon.quantization import DEFAULT_MODE, QUANT_MODES, quantization_spec
+from bit_axon.training.cooling import ThermalPolicy
+from bit_axon.training.lora import AdapterConfig
+from bit_axon.training.packing import check_max_seq_len
+
+logger = logging.getLogger(__name__)
 
 TRAINING_MODES = ("sft", "orpo")
-QUANTIZE_MODES = ("nf4", "affine", "none")
+NO_QUANTIZATION = "none"  # train on the base weights as they are (a float base stays float)
+QUANTIZE_MODES = (*QUANT_MODES, NO_QUANTIZATION)
+
+# TrainingConfig field -> the owning dataclass's (or spec's) field of the same setting.
+ADAPTER_FIELDS = {"lora_rank": "rank", "lora_scale": "scale", "lora_dropout": "dropout"}
+THERMAL_FIELDS = {
+    "temp_max_speed": "max_speed_temp", "temp_pause": "pause_temp", "temp_stop": "stop_temp",
+    "temp_poll_interval": "poll_interval",
+}
+QUANTIZE_FIELDS = {"quantize_mode": "mode", "quantize_bits": "bits", "quantize_group_size": "group_size"}
+
+T = TypeVar("T")
+
+
+def _owned(build: Callable[[], T], names: Mapping[str, str]) -> T:
+    """``build()``, its ValueError re-raised with the owner's field names replaced by ``TrainingConfig``'s."""
+    try:
+        return build()
+    except ValueError as err:
+        message = str(err)
+        for ours, theirs in names.items():
+            message = re.sub(rf"\b{theirs}\b", ours, message)
+        raise ValueError(f"TrainingConfig: {message}") from None
 
 
 @dataclass
@@ -14,22 +54,22 @@ class TrainingConfig:
     # Optimizer
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # the default is cut to max_steps for shorter runs, with a warning
     max_steps: int = 10_000
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 4
     # LoRA / DoRA
-    lora_rank: int = 8
-    lora_dropout: float = 0.0
-    lora_scale: float = 20.0
-    use_dora: bool = True
+    lora_rank: int = AdapterConfig.rank
+    lora_dropout: float = AdapterConfig.dropout
+    lora_scale: float = AdapterConfig.scale
+    use_dora: bool = AdapterConfig.kind == "dora"
     # ORPO alignment
     beta: float = 0.1
     training_mode: str = "sft"
-    # Quantization
+    # Quantization of a float base before the adapters go on
     quantize_bits: int = 4
     quantize_group_size: int = 64
-    quantize_mode: str = "nf4"
+    quantize_mode: str = DEFAULT_MODE
     # Data
     batch_size: int = 1
     max_seq_len: int = 2048
@@ -39,13 +79,13 @@ class TrainingConfig:
     output_dir: str = "checkpoints"
     keep_checkpoints: int = 3
     # Thermal thresholds (°C)
-    temp_max_speed: float = 75.0
-    temp_pause: float = 85.0
-    temp_stop: float = 95.0
-    temp_poll_interval: float = 1.0
+    temp_max_speed: float = ThermalPolicy.max_speed_temp
+    temp_pause: float = ThermalPolicy.pause_temp
+    temp_stop: float = ThermalPolicy.stop_temp
+    temp_poll_interval: float = ThermalPolicy.poll_interval
     # Misc
     seed: int = 42
-    grad_checkpoint: bool = False  # recompute each layer in the backward pass (less memory, ~30% slower)
+    grad_checkpoint: bool = False  # recompute each layer in the backward pass (less memory, slower)
     # MLX's evaluation memory limit for the run (mx.set_memory_limit). Above it, MLX waits for
     # queued operations to finish before allocating more: lower peaks, somewhat slower steps.
     memory_limit_gb: float | None = None
@@ -53,6 +93,12 @@ class TrainingConfig:
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
 
     def __post_init__(self) -> None:
+        if self.warmup_steps == TrainingConfig.warmup_steps and 1 <= self.max_steps < self.warmup_steps:
+            # A short run keeps the default warmup's shape instead of failing on it (an explicit
+            # warmup longer than the run is still refused below).
+            logger.warning("warmup_steps=%d is longer than max_steps=%d: warming up over all %d steps",
+                           self.warmup_steps, self.max_steps, self.max_steps)
+            self.warmup_steps = self.max_steps
         self.validate()
 
     def validate(self) -> None:
@@ -66,26 +112,52 @@ class TrainingConfig:
         check(0 <= self.warmup_steps <= self.max_steps,
               f"warmup_steps must be between 0 and max_steps ({self.max_steps}), got {self.warmup_steps}")
         check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        for name in ("grad_accum_steps", "lora_rank", "batch_size", "save_every", "eval_every",
-                     "keep_checkpoints", "max_nonfinite_steps", "quantize_group_size"):
+        for name in ("grad_accum_steps", "batch_size", "save_every", "eval_every", "keep_checkpoints",
+                     "max_nonfinite_steps"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         check(self.memory_limit_gb is None or self.memory_limit_gb > 0,
               f"memory_limit_gb must be > 0 (or None), got {self.memory_limit_gb}")
-        check(self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}")
-        check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _owned(lambda: check_max_seq_len(self.max_seq_len), {})
         check(self.beta > 0, f"beta must be > 0, got {self.beta}")
         check(self.training_mode in TRAINING_MODES,
               f"training_mode must be one of {TRAINING_MODES}, got {self.training_mode!r}")
         check(self.quantize_mode in QUANTIZE_MODES,
               f"quantize_mode must be one of {QUANTIZE_MODES}, got {self.quantize_mode!r}")
-        check(self.quantize_bits in (2, 3, 4, 6, 8), f"quantize_bits must be 2, 3, 4, 6 or 8, got {self.quantize_bits}")
-        check(self.quantize_mode != "nf4" or self.quantize_bits == 4, "nf4 quantization is 4-bit only")
-        check(self.temp_max_speed < self.temp_pause < self.temp_stop,
-              "thermal thresholds must satisfy temp_max_speed < temp_pause < temp_stop, got "
-              f"{self.temp_max_speed} / {self.temp_pause} / {self.temp_stop}")
-        check(self.temp_poll_interval > 0, f"temp_poll_interval must be > 0, got {self.temp_poll_interval}")
+        self.quantization_spec()
+        self.adapter_config()
+        self.thermal_policy()
         check(self.max_eval_batches is None or self.max_eval_batches >= 1, "max_eval_batches must be >= 1 or None")
 
+    # ---- the settings as their owners' objects -------------------------------------------------
+    def adapter_config(self) -> AdapterConfig:
+        """The adapters this run puts on the model."""
+        return _owned(lambda: AdapterConfig(
+            kind=AdapterConfig.kind_for(self.use_dora), rank=self.lora_rank, scale=self.lora_scale,
+            dropout=self.lora_dropout,
+        ), ADAPTER_FIELDS)
+
+    def thermal_policy(self) -> ThermalPolicy:
+        """The cooling policy of this run (pause slice and cool-down control at their defaults)."""
+        return _owned(lambda: ThermalPolicy(**{theirs: getattr(self, ours) for ours, theirs in THERMAL_FIELDS.items()}),
+                      THERMAL_FIELDS)
+
+    def quantization_spec(self) -> dict[str, Any] | None:
+        """``{"mode", "bits", "group_size"}`` for ``quantize_model``; None for ``quantize_mode="none"``."""
+        if self.quantize_mode == NO_QUANTIZATION:
+            return None
+        return _owned(lambda: quantization_spec({theirs: getattr(self, ours) for ours, theirs in QUANTIZE_FIELDS.items()}),
+                      QUANTIZE_FIELDS)
+
+    # ---- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
+        """The config ``to_dict`` wrote; a missing key takes its default, an unknown one is refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"TrainingConfig: unknown setting(s) {', '.join(map(repr, unknown))}")
+        return cls(**data)

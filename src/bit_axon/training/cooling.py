@@ -1,6 +1,7 @@
 """Thermal policy for training: slow down when warm, pause when hot, stop when critical.
 
-Trainer hooks (one ``CoolingScheduler`` per run, ``None`` when thermal control is off)::
+Trainer hooks (one ``CoolingScheduler`` per run, ``None`` when thermal control is off; the
+trainer calls them from its ``Cooling`` callback, ``bit_axon.training.callbacks``)::
 
     for step in ...:
         cooling.check_before_step(step)   # may sleep (pause); raises ThermalShutdownError
@@ -15,9 +16,12 @@ metrics, and ``cooling.close()`` stops the monitor at the end of training.
 Tiers (``ThermalPolicy``), on the latest reading ``T`` from the monitor:
 
 * ``T < max_speed_temp``: normal, full speed.
-* ``max_speed_temp <= T < pause_temp``: warm. ``should_reduce_batch()`` is True and ``after_step``
-  sleeps a cool-down gap after each step, so the duty cycle drops until the temperature settles
-  just below ``pause_temp`` instead of sawing around it with pauses.
+* ``max_speed_temp <= T < pause_temp``: warm. ``after_step`` sleeps a cool-down gap after each
+  step, so the duty cycle drops until the temperature settles just below ``pause_temp`` instead
+  of sawing around it with pauses. The batch size stays as it is: a smaller batch would change
+  the packed batches and the data position, and a resumed run would no longer repeat the
+  uninterrupted one. ``should_reduce_batch()`` is True here, for callers that want the signal;
+  the trainer does not consult it.
 * ``T >= pause_temp``: hot. ``check_before_step`` sleeps in ``pause_duration`` slices, re-reading
   the temperature, until it is below ``pause_temp``.
 * ``T >= stop_temp``: critical. ``ThermalShutdownError``, also when reached during a pause.
@@ -64,7 +68,7 @@ class ThermalShutdownError(RuntimeError):
 
 @dataclass(frozen=True)
 class ThermalPolicy:
-    """Temperature thresholds (°C) and pause slice (s); see the module docstring for the tiers."""
+    """Temperature thresholds (°C), pause slice and polling period (s); see the module docstring for the tiers."""
 
     max_speed_temp: float = 75.0  # °C: warm zone (reduce batch, cool-down gaps) from here
     pause_temp: float = 85.0  # °C: pause training at or above
@@ -73,6 +77,7 @@ class ThermalPolicy:
     # Duty-cycle control in the warm zone; cooldown_gain=0 gives the plain pause-only policy.
     cooldown_gain: float = 1.0  # initial gap/step ratio at pause_temp; adapted while training
     cooldown_margin: float = 1.0  # °C below pause_temp to hold; at most half the warm zone
+    poll_interval: float = 1.0  # s: between temperature reads (the monitor's polling period)
 
     def __post_init__(self) -> None:
         if not self.max_speed_temp < self.pause_temp < self.stop_temp:
@@ -82,6 +87,8 @@ class ThermalPolicy:
             )
         if self.pause_duration <= 0:
             raise ValueError(f"pause_duration must be > 0, got {self.pause_duration}")
+        if self.poll_interval <= 0:
+            raise ValueError(f"poll_interval must be > 0, got {self.poll_interval}")
         if self.cooldown_gain < 0:
             raise ValueError(f"cooldown_gain must be >= 0, got {self.cooldown_gain}")
         if self.cooldown_margin < 0:
@@ -202,7 +209,8 @@ class CoolingScheduler:
         return self._total_cooldown
 
     def should_reduce_batch(self) -> bool:
-        """True at or above ``max_speed_temp``: a signal the trainer may use to shrink its batch."""
+        """True at or above ``max_speed_temp``. Informational: the trainer never changes its batch size
+        (exact resume and the packing depend on it); its warm-tier action is ``after_step``'s gap."""
         return self.tier in (ThermalTier.WARM, ThermalTier.HOT, ThermalTier.CRITICAL)
 
     def check_before_step(self, step: int) -> ThermalTier:
@@ -297,9 +305,11 @@ class CoolingScheduler:
 
 
 def build_cooling_scheduler(
-    enabled: bool, policy: ThermalPolicy, poll_interval: float = 1.0
+    enabled: bool, policy: ThermalPolicy, poll_interval: float | None = None
 ) -> CoolingScheduler | None:
     """The scheduler the CLI hands to the trainer, with a started monitor; None when off.
+
+    The monitor polls every ``poll_interval`` seconds, by default ``policy.poll_interval``.
 
     ``enabled=False`` (``--no-thermal``) returns None silently. Without a working sensor the
     monitor logs one warning that thermal protection is off, and this returns None.
@@ -307,7 +317,7 @@ def build_cooling_scheduler(
     if not enabled:
         logger.debug("Thermal monitoring disabled")
         return None
-    monitor = ThermalMonitor(poll_interval=poll_interval)
+    monitor = ThermalMonitor(poll_interval=policy.poll_interval if poll_interval is None else poll_interval)
     if monitor.source is None:
         return None
     return CoolingScheduler(monitor.start(), policy)

@@ -1,8 +1,11 @@
 """Training datasets: chat (``messages``), Alpaca and ORPO preference files, tokenized with loss masks.
 
-Files are JSON Lines (one object per line) or a JSON array of objects. Every record is checked
-and tokenized when the dataset is built, so a bad record stops the run before training starts
-(``DatasetError`` naming ``file:line``) and over-long examples are counted in a single warning.
+Files are JSON Lines (one object per line) or a JSON array of objects, read and checked by
+:mod:`bit_axon.training.records`. Every record is checked and tokenized when the dataset is built,
+so a bad record stops the run before training starts (``DatasetError`` naming ``file:line``).
+Over-long examples are cut there, the only place they are cut, and counted in a single warning: an SFT example to ``max_seq_len - 1`` tokens (packing puts an
+EOS after it), a preference pair's sequences to ``max_seq_len`` (ORPO does not pack). A dataset
+exposes its tokenizer's ``eos_token_id`` and ``pad_token_id``, which the trainers pack and pad with.
 
 An SFT item is ``(token_ids, loss_mask)``: ``loss_mask[t] == 1`` means token ``t`` is a
 training target. It is 1 exactly on assistant content and the ``<|im_end|>`` that closes it, so
@@ -12,29 +15,40 @@ between turns.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 from bit_axon.tokenizer import IM_END, IM_START, QwenTokenizerWrapper
+from bit_axon.training.packing import check_max_seq_len
+from bit_axon.training.records import (
+    FORMATS,
+    ROLES,
+    DatasetError,
+    DatasetFormat,
+    Record,
+    alpaca_messages,
+    detect_format,
+    iter_records,
+    orpo_parts,
+    read_records,
+    sft_messages,
+)
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
-DatasetFormat = Literal["messages", "alpaca", "orpo"]
-FORMATS: tuple[str, ...] = ("messages", "alpaca", "orpo")
+__all__ = [  # the record readers are re-exported: this stays the one import for dataset code
+    "FORMATS", "ROLES", "AlpacaDataset", "CacheDataset", "DatasetError", "DatasetFormat", "ORPODataset",
+    "PreferencePair", "Record", "SFTDataset", "alpaca_messages", "chat_pieces", "detect_format",
+    "generation_header", "iter_records", "load_dataset_file", "orpo_parts", "read_records", "sft_messages",
+    "tokenize_pieces",
+]
 
 # A piece of a rendered conversation and whether its tokens are training targets.
 Piece = tuple[str, bool]
-
-
-class DatasetError(ValueError):
-    """A dataset file that cannot be used; the message names the file and line."""
 
 
 class PreferencePair(NamedTuple):
@@ -42,170 +56,6 @@ class PreferencePair(NamedTuple):
     chosen_mask: list[int]
     rejected_ids: list[int]
     rejected_mask: list[int]
-
-
-@dataclass(frozen=True)
-class Record:
-    where: str  # "path:line", for error messages
-    data: dict[str, Any]
-
-
-# --- reading files ---------------------------------------------------------------------------
-
-
-def _iter_json_array(text: str, path: Path) -> Iterator[Record]:
-    # Decode element by element so that each record knows the line it starts on.
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line, counted_to = 1, 0
-
-    def skip_ws(i: int) -> int:
-        while i < len(text) and text[i] in " \t\r\n":
-            i += 1
-        return i
-
-    pos = skip_ws(pos)
-    if pos < len(text) and text[pos] == "]":
-        return
-    while True:
-        line += text.count("\n", counted_to, pos)
-        counted_to = pos
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        yield _as_record(obj, f"{path}:{line}")
-        pos = skip_ws(end)
-        if pos < len(text) and text[pos] == ",":
-            pos = skip_ws(pos + 1)
-            continue
-        if pos < len(text) and text[pos] == "]":
-            return
-        err_line = text.count("\n", 0, pos) + 1
-        raise DatasetError(f"{path}:{err_line}: invalid JSON: expected ',' or ']' between records")
-
-
-def _as_record(obj: Any, where: str) -> Record:
-    if not isinstance(obj, dict):
-        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    return Record(where, obj)
-
-
-def iter_records(path: str | Path) -> Iterator[Record]:
-    """The JSON objects of a JSON Lines file or of a file holding one JSON array, with their lines."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        yield from _iter_json_array(text, path)
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
-        yield _as_record(obj, f"{path}:{number}")
-
-
-def read_records(path: str | Path) -> list[Record]:
-    records = list(iter_records(path))
-    if not records:
-        raise DatasetError(f"{path}: no records (empty file)")
-    return records
-
-
-# --- record validation -----------------------------------------------------------------------
-
-
-def _field(record: Record, name: str) -> Any:
-    if name not in record.data:
-        raise DatasetError(f"{record.where}: missing field {name!r} (fields: {sorted(record.data)})")
-    return record.data[name]
-
-
-def _string(value: Any, where: str, what: str) -> str:
-    if not isinstance(value, str):
-        raise DatasetError(f"{where}: {what} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _messages(value: Any, where: str, what: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise DatasetError(f"{where}: {what} must be a non-empty list of messages")
-    messages = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise DatasetError(f"{where}: {what}[{i}] must be an object with 'role' and 'content'")
-        for key in ("role", "content"):
-            if key not in message:
-                raise DatasetError(f"{where}: {what}[{i}] is missing field {key!r}")
-        role = message["role"]
-        if role not in ROLES:
-            raise DatasetError(f"{where}: {what}[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        messages.append({"role": role, "content": _string(message["content"], where, f"{what}[{i}].content")})
-    return messages
-
-
-def sft_messages(record: Record) -> list[dict[str, str]]:
-    messages = _messages(_field(record, "messages"), record.where, "messages")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DatasetError(f"{record.where}: conversation has no assistant turn, so nothing to train on")
-    return messages
-
-
-def alpaca_messages(record: Record) -> list[dict[str, str]]:
-    instruction = _string(_field(record, "instruction"), record.where, "instruction")
-    output = _string(_field(record, "output"), record.where, "output")
-    extra = record.data.get("input")
-    if extra is not None and _string(extra, record.where, "input"):
-        instruction = f"{instruction}\n\n{extra}"
-    return [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
-
-
-def orpo_parts(record: Record) -> tuple[list[dict[str, str]], str, str]:
-    """The prompt messages and the chosen and rejected response texts of a preference record."""
-    prompt = _field(record, "prompt")
-    if isinstance(prompt, str):
-        prompt_messages = [{"role": "user", "content": prompt}]
-    else:
-        prompt_messages = _messages(prompt, record.where, "prompt")
-    return prompt_messages, _response(record, "chosen"), _response(record, "rejected")
-
-
-def _response(record: Record, name: str) -> str:
-    value = _field(record, name)
-    if isinstance(value, str):
-        return value
-    messages = _messages(value, record.where, name)
-    if len(messages) != 1 or messages[0]["role"] != "assistant":
-        raise DatasetError(f"{record.where}: {name} must be a string or a list of exactly one assistant message")
-    return messages[0]["content"]
-
-
-def detect_format(path: str | Path) -> DatasetFormat:
-    """``"messages"``, ``"alpaca"`` or ``"orpo"``, from the fields of the file's first record."""
-    first = next(iter_records(path), None)
-    if first is None:
-        raise DatasetError(f"{path}: no records (empty file)")
-    return _record_format(first)
-
-
-def _record_format(record: Record) -> DatasetFormat:
-    keys = record.data.keys()
-    if "messages" in keys:
-        return "messages"
-    if {"prompt", "chosen", "rejected"} <= keys:
-        return "orpo"
-    if {"instruction", "output"} <= keys:
-        return "alpaca"
-    raise DatasetError(
-        f"{record.where}: unknown record format with fields {sorted(keys)}; expected 'messages', "
-        "'instruction'/'output' (Alpaca) or 'prompt'/'chosen'/'rejected' (ORPO). "
-        "`bit-axon prepare` converts other shapes."
-    )
 
 
 # --- tokenization ----------------------------------------------------------------------------
@@ -263,43 +113,48 @@ class _TokenStore:
         return self.ids[start:end].tolist(), self.mask[start:end].tolist()
 
 
-def _truncate(examples: list[tuple[list[int], list[int]]], max_seq_len: int) -> list[int]:
-    """Cut examples to ``max_seq_len`` in place; the indices of those that were cut."""
+def _truncate(examples: list[tuple[list[int], list[int]]], limit: int) -> list[int]:
+    """Cut examples to ``limit`` tokens in place; the indices of those that were cut."""
     cut = []
     for i, (ids, mask) in enumerate(examples):
-        if len(ids) > max_seq_len:
-            examples[i] = (ids[:max_seq_len], mask[:max_seq_len])
+        if len(ids) > limit:
+            examples[i] = (ids[:limit], mask[:limit])
             cut.append(i)
     return cut
 
 
-def _warn_truncated(path: Path, cut: Sequence[int], total: int, records: Sequence[Record], max_seq_len: int) -> None:
+def _warn_truncated(path: Path, cut: Sequence[int], records: Sequence[Record], limit: int, why: str) -> None:
     if cut:
         logger.warning(
-            "%s: %d of %d examples are longer than max_seq_len=%d tokens and were truncated (first: %s)",
-            path, len(cut), total, max_seq_len, records[cut[0]].where,
+            "%s: %d of %d examples are longer than %d tokens (%s) and were truncated (first: %s)",
+            path, len(cut), len(records), limit, why, records[cut[0]].where,
         )
 
 
-def _check_max_seq_len(max_seq_len: int) -> None:
-    if not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+class _TokenizedDataset:
+    """What every dataset built from a file and a tokenizer records: where, how long, which special ids."""
+
+    def __init__(self, path: str | Path, tokenizer: QwenTokenizerWrapper, max_seq_len: int):
+        check_max_seq_len(max_seq_len)
+        self.path = Path(path)
+        self.max_seq_len = max_seq_len
+        self.eos_token_id: int = tokenizer.eos_token_id
+        self.pad_token_id: int = tokenizer.pad_token_id
 
 
 # --- datasets --------------------------------------------------------------------------------
 
 
-class _ChatDataset:
+class _ChatDataset(_TokenizedDataset):
     """Chat examples from a file, each item ``(token_ids, loss_mask)``; subclasses read records."""
 
     def __init__(self, path: str | Path, tokenizer: QwenTokenizerWrapper, max_seq_len: int = 2048):
-        _check_max_seq_len(max_seq_len)
-        self.path = Path(path)
-        self.max_seq_len = max_seq_len
+        super().__init__(path, tokenizer, max_seq_len)
         records = read_records(self.path)
         examples = tokenize_pieces(tokenizer, [chat_pieces(self._messages(r)) for r in records])
-        cut = _truncate(examples, max_seq_len)
-        _warn_truncated(self.path, cut, len(records), records, max_seq_len)
+        # Room for the EOS that packing appends, so packing never cuts again.
+        cut = _truncate(examples, max_seq_len - 1)
+        _warn_truncated(self.path, cut, records, max_seq_len - 1, "max_seq_len - 1, room for the packing EOS")
         self.num_truncated = len(cut)
         self._store = _TokenStore(examples)
 
@@ -329,7 +184,7 @@ class AlpacaDataset(_ChatDataset):
     _messages = staticmethod(alpaca_messages)
 
 
-class ORPODataset:
+class ORPODataset(_TokenizedDataset):
     """Preference pairs ``{"prompt", "chosen", "rejected"}``, each a string or a message list.
 
     Both sequences share the chat-templated prompt ending in the ``<|im_start|>assistant\\n``
@@ -337,9 +192,7 @@ class ORPODataset:
     """
 
     def __init__(self, path: str | Path, tokenizer: QwenTokenizerWrapper, max_seq_len: int = 2048):
-        _check_max_seq_len(max_seq_len)
-        self.path = Path(path)
-        self.max_seq_len = max_seq_len
+        super().__init__(path, tokenizer, max_seq_len)
         records = read_records(self.path)
         chosen_pieces, rejected_pieces = [], []
         for record in records:
@@ -357,7 +210,7 @@ class ORPODataset:
                     f"{records[i].where}: the prompt fills all of max_seq_len={max_seq_len} tokens, leaving "
                     "no room for the response; raise max_seq_len or shorten the prompt"
                 )
-        _warn_truncated(self.path, cut, len(records), records, max_seq_len)
+        _warn_truncated(self.path, cut, records, max_seq_len, "max_seq_len")
         self.num_truncated = len(cut)
         self._chosen = _TokenStore(chosen)
         self._rejected = _TokenStore(rejected)
@@ -383,6 +236,10 @@ class CacheDataset:
     def __init__(self, dataset: Sequence[Any]):
         self.dataset = dataset
         self._items: list[Any] = [None] * len(dataset)
+        # The wrapped dataset's special token ids, which the trainers read from their dataset.
+        for name in ("eos_token_id", "pad_token_id"):
+            if hasattr(dataset, name):
+                setattr(self, name, getattr(dataset, name))
 
     def __len__(self) -> int:
         return len(self._items)
