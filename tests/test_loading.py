@@ -66,3 +66,51 @@ def test_weights_that_do_not_match_the_recorded_format_are_refused(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not match"):
         load_model(tmp_path)
+
+
+# ---- load(path) -> (model, tokenizer) ---------------------------------------------------------------
+
+
+def write_small_chatml_tokenizer(path):
+    """A 6-token ChatML tokenizer.json, far smaller than the bundled Qwen2.5 one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[UNK]": 3, "hello": 4, "world": 5}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path / "tokenizer.json"))
+
+
+def test_load_gives_the_model_with_its_adapter_and_the_directory_tokenizer(tmp_path):
+    from bit_axon.loading import load
+    from bit_axon.training.checkpoint import save_adapter_only
+    from bit_axon.training.lora import adapter_layers, apply_lora_to_model
+
+    save_model(tiny_model(), tmp_path / "model")
+    write_small_chatml_tokenizer(tmp_path / "model")
+    adapted = tiny_model()
+    apply_lora_to_model(adapted, rank=2)
+    for _, layer in adapter_layers(adapted):
+        layer.lora_b = mx.ones(layer.lora_b.shape) * 0.1
+    adapter = save_adapter_only(adapted, tmp_path / "adapter.safetensors")
+
+    model, tok = load(tmp_path / "model", adapter)
+    assert tok.vocab_size == 6 and tok.encode("hello world") == [4, 5]
+    assert not model.training and len(adapter_layers(model)) == len(adapter_layers(adapted))
+    assert mx.allclose(model(IDS)[0], adapted(IDS)[0], atol=1e-5)
+    if mx.default_device() == mx.cpu:
+        assert model.embed_tokens.weight.dtype == mx.float32
+
+
+def test_load_defaults_to_the_bundled_tokenizer_and_checks_that_it_fits(tmp_path, qwen_tokenizer):
+    from bit_axon.loading import load
+
+    save_model(tiny_model(), tmp_path)  # a 512-token vocabulary, too small for Qwen2.5's ids
+    with pytest.raises(ValueError, match=f"the tokenizer has {qwen_tokenizer.vocab_size} tokens but the model's "
+                                         "vocabulary has only 512"):
+        load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="Model directory not found"):
+        load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="No config.json"):
+        load(tmp_path / "empty")

@@ -87,3 +87,23 @@ def test_errors(model):
     with pytest.raises(ValueError, match="max_tokens"):
         evaluate_model(model, examples(), batch_size=1, seq_length=8, max_tokens=0, **IDS)
     assert model.training  # restored after evaluation
+
+
+def test_trainer_evaluate_and_evaluate_model_are_one_computation(model, tmp_path):
+    from bit_axon.training.config import TrainingConfig
+    from bit_axon.training.trainer import Trainer
+
+    data = examples(seed=4, n=7)
+    config = TrainingConfig(batch_size=2, max_seq_len=16, max_steps=1, warmup_steps=0, output_dir=str(tmp_path))
+    trainer = Trainer(model, config, data, data, show_progress=False, **IDS)
+    from_trainer = trainer.evaluate()
+    result = evaluate_model(model, data, batch_size=2, seq_length=16, **IDS)
+    assert from_trainer["val_loss"] == result["loss"] and from_trainer["val_perplexity"] == result["perplexity"]
+
+
+def test_perplexity_is_inf_where_exp_overflows():
+    from bit_axon.training.evaluation import perplexity
+
+    assert perplexity(1.5) == pytest.approx(math.exp(1.5))
+    assert perplexity(708.0) == pytest.approx(math.exp(708.0))
+    assert perplexity(710.0) == math.inf and perplexity(math.inf) == math.inf

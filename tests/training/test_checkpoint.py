@@ -7,6 +7,7 @@ from bit_axon.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from bit_axon.training.lora import AdapterConfig
 from toy import tiny_model
 
 import mlx.core as mx
@@ -106,3 +107,10 @@ def test_load_rejects_a_checkpoint_from_other_adapter_settings(tmp_path):
     opt.init(lora.trainable_parameters())
     with pytest.raises(ValueError, match="LoRA/DoRA settings"):
         load_checkpoint(lora, opt, path)
+
+
+def test_checkpoint_adapters_record_their_settings(tmp_path):
+    model, optimizer = _model_and_optimizer()
+    path = save_checkpoint(model, optimizer, step=1, loss=1.0, output_dir=tmp_path)
+    _, metadata = mx.load(str(path / "adapters.safetensors"), return_metadata=True)
+    assert AdapterConfig.from_metadata(metadata) == AdapterConfig("dora", rank=4, scale=2.0)  # toy's adapters

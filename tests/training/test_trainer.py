@@ -1,13 +1,16 @@
 import json
 
+from bit_axon.training.callbacks import Callback, EarlyStopping
 from bit_axon.training.checkpoint import get_latest_checkpoint, list_checkpoints
 from bit_axon.training.collate import iterate_batches
 from bit_axon.training.config import TrainingConfig
 from bit_axon.training.cooling import ThermalShutdownError
+from bit_axon.training.data import CacheDataset
+from bit_axon.training.lora import LoRALinear
 from bit_axon.training.losses import gather_targets, sft_loss, target_loss
 from bit_axon.training.scheduler import cosine_with_warmup
 from bit_axon.training.trainer import NonFiniteLossError, Trainer
-from toy import EOS, PAD, HotAt, SignalAt, config, copy_task, tiny_model, trainer_kwargs
+from toy import EOS, PAD, VOCAB, HotAt, SignalAt, config, copy_task, tiny_model, trainer_kwargs
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -226,3 +229,126 @@ def test_thermal_stop_saves_a_checkpoint_that_resumes(tmp_path):
     assert latest is not None and latest.name == "step_00000003"
     result = Trainer(tiny_model(), cfg, data, **trainer_kwargs()).train(resume=True)
     assert result["step"] == 5
+
+
+# ---- callbacks, settings recorded, the model interface ------------------------------------------
+
+
+def test_checkpoints_record_the_settings_and_resume_names_what_changed(tmp_path, capsys):
+    data = copy_task(30)
+    cfg = config(tmp_path, max_steps=2, save_every=2)
+    Trainer(tiny_model(), cfg, data, **trainer_kwargs()).train()
+    state = json.loads((get_latest_checkpoint(tmp_path / "run") / "training_state.json").read_text())
+    assert state["config"] == cfg.to_dict()
+    capsys.readouterr()
+    Trainer(tiny_model(), config(tmp_path, max_steps=3, save_every=2, learning_rate=2e-3), data,
+            **trainer_kwargs()).train(resume=True)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Settings changed since step_00000002: learning_rate 0.003 -> 0.002, max_steps 2 -> 3." in out
+
+
+class _Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_train_begin(self, trainer):
+        self.events.append(("begin", trainer.step))
+
+    def on_step_begin(self, trainer, step):
+        self.events.append(("step_begin", step))
+
+    def on_step_end(self, trainer, record):
+        record["seen_by_recorder"] = record["step"] * 10
+        self.events.append(("step_end", record["step"], "val_loss" in record))
+
+    def on_train_end(self, trainer, result):
+        self.events.append(("end", trainer.step))
+        result["recorder"] = True
+
+
+def test_callbacks_see_every_step_in_order_and_may_extend_the_record_and_result(tmp_path):
+    recorder = _Recorder()
+    cfg = config(tmp_path, max_steps=3, eval_every=2)
+    trainer = Trainer(tiny_model(), cfg, copy_task(30), copy_task(6, seed=3), callbacks=[recorder], **trainer_kwargs())
+    result = trainer.train()
+    assert recorder.events == [
+        ("begin", 0), ("step_begin", 1), ("step_end", 1, False), ("step_begin", 2), ("step_end", 2, True),
+        ("step_begin", 3), ("step_end", 3, False), ("end", 3),
+    ]
+    # Extra callbacks run last: the record they see is complete (validation included) and written.
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "val_loss" in records[1] and all("seen_by_recorder" not in r for r in records)
+    assert [r["seen_by_recorder"] for r in trainer.history] == [10, 20, 30]
+    assert result["recorder"] and result["seen_by_recorder"] == 30
+
+
+def test_early_stopping_stops_saves_and_returns(tmp_path):
+    # min_delta 100: the first evaluation sets the best, the second cannot beat it by that much.
+    stopper = EarlyStopping(patience=1, min_delta=100.0)
+    cfg = config(tmp_path, max_steps=10, eval_every=1)
+    result = Trainer(tiny_model(), cfg, copy_task(30), copy_task(6, seed=3), callbacks=[stopper],
+                     **trainer_kwargs()).train()
+    assert result["step"] == 2 and not result["interrupted"]
+    assert result["stop_reason"].startswith("early stopping: val_loss has not improved")
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    assert (run / "final_adapter.safetensors").exists()
+    state = json.loads((run / "step_00000002" / "training_state.json").read_text())
+    assert state["early_stopping"] == {"best": stopper.best, "evaluations_without_improvement": 1}
+
+
+def test_special_token_ids_come_from_the_dataset_unless_given():
+    class Tokenized(list):
+        eos_token_id, pad_token_id = 7, 5
+
+    cfg = TrainingConfig(max_steps=2, warmup_steps=0)
+    trainer = Trainer(tiny_model(), cfg, Tokenized(copy_task(4)), show_progress=False)
+    assert (trainer.eos_token_id, trainer.pad_token_id) == (7, 5)
+    trainer = Trainer(tiny_model(), cfg, CacheDataset(Tokenized(copy_task(4))), show_progress=False)  # the guide's wrapper
+    assert (trainer.eos_token_id, trainer.pad_token_id) == (7, 5)
+    trainer = Trainer(tiny_model(), cfg, Tokenized(copy_task(4)), show_progress=False, eos_token_id=EOS)
+    assert (trainer.eos_token_id, trainer.pad_token_id) == (EOS, 5)
+    with pytest.raises(ValueError, match="Trainer needs eos_token_id"):
+        Trainer(tiny_model(), cfg, copy_task(4), show_progress=False)
+
+
+def test_the_trainer_module_does_not_import_matplotlib():
+    import subprocess
+    import sys
+
+    code = "import sys, bit_axon.training.trainer; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+class _TinyLM(nn.Module):
+    """Not a Bit-Axon model: an embedding, one adapted projection and an untied head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.proj = LoRALinear.from_base(nn.Linear(16, 16), r=2, scale=1.0)
+        self.lm_head = nn.Linear(16, VOCAB, bias=False)
+
+    @property
+    def output_head(self):
+        return self.lm_head
+
+    def features(self, input_ids, cache=None, segment_ids=None):
+        return nn.gelu(self.proj(self.embed(input_ids)))
+
+    def head(self, h):
+        return self.lm_head(h)
+
+
+def test_any_module_with_features_and_an_output_head_trains(tmp_path):
+    mx.random.seed(0)
+    model = _TinyLM()
+    model.freeze()
+    model.proj.unfreeze(keys=["lora_a", "lora_b"])
+    train, val = copy_task(100), copy_task(20, seed=1)
+    trainer = Trainer(model, config(tmp_path, max_steps=30, learning_rate=1e-2), train, val, **trainer_kwargs())
+    before = trainer.evaluate()["val_loss"]
+    assert trainer.train()["step"] == 30
+    assert trainer.evaluate()["val_loss"] < before
+    assert (tmp_path / "run" / "final_adapter.safetensors").exists()

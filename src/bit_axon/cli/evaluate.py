@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bit_axon.cli.run import load_model_and_tokenizer
+from bit_axon.cli.run import TOKENIZER_HELP
 from bit_axon.inference import evaluate_model
-from bit_axon.tokenizer import DEFAULT_TOKENIZER
+from bit_axon.loading import load
 from bit_axon.training.data import load_dataset_file
 
 import typer
@@ -17,7 +17,7 @@ def evaluate(
     model_path: Path = typer.Argument(..., help="Model directory (float or quantized)."),
     data: Path = typer.Option(..., "--data", help="JSONL file: chat messages, Alpaca or ORPO preference pairs."),
     adapter: Path | None = typer.Option(None, "--adapter", help="LoRA/DoRA adapter file, applied without merging."),
-    tokenizer: str = typer.Option(DEFAULT_TOKENIZER, "--tokenizer", "-t", help="Tokenizer id, directory or file."),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", "-t", help=TOKENIZER_HELP),
     batch_size: int = typer.Option(1, "--batch-size", help="Packed rows per forward pass."),
     seq_length: int = typer.Option(2048, "--seq-length", help="Tokens per packed row (longer examples are cut)."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Stop after this many target tokens."),
@@ -29,7 +29,7 @@ def evaluate(
     """
     console = Console(stderr=True)
     try:
-        model, tok = load_model_and_tokenizer(model_path, adapter, tokenizer, config_small=False)
+        model, tok = load(model_path, adapter, tokenizer)
         dataset = load_dataset_file(data, tok, max_seq_len=seq_length)
         with console.status(f"Evaluating on {data}"):
             result = evaluate_model(

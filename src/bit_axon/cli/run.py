@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 from bit_axon.inference import ChatSession, GenerationChunk, Sampler, load_for_inference, stream_generate
-from bit_axon.model import BitAxonModel
-from bit_axon.tokenizer import DEFAULT_TOKENIZER, QwenTokenizerWrapper
+from bit_axon.loading import check_tokenizer_fits, load, open_tokenizer
 
 import typer
 from rich.console import Console
@@ -15,21 +14,21 @@ from rich.console import Console
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
-def load_model_and_tokenizer(
-    model: Path | None, adapter: Path | None, tokenizer: str, config_small: bool
-) -> tuple[BitAxonModel, QwenTokenizerWrapper]:
-    """Shared by ``run`` and ``evaluate``; raises ``ValueError``/``OSError`` with a one-line message."""
+TOKENIZER_HELP = (
+    "Tokenizer id, directory or file (default: the model directory's tokenizer.json, else the bundled Qwen2.5 one)."
+)
+
+
+def _load(model: Path | None, adapter: Path | None, tokenizer: str | None, config_small: bool):
+    """The model and tokenizer of ``run``; raises ``ValueError``/``OSError`` with a one-line message."""
     if config_small and model is not None:
         raise ValueError("pass --model or --config-small, not both")
     if not config_small and model is None:
         raise ValueError("no model: pass --model DIR (or --config-small for a random smoke-test model)")
-    tok = QwenTokenizerWrapper(tokenizer)
-    loaded = load_for_inference(model, adapter, config_small=config_small)
-    if tok.vocab_size > loaded.config.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary has only "
-            f"{loaded.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)"
-        )
+    if not config_small:
+        return load(model, adapter, tokenizer)
+    loaded, tok = load_for_inference(None, adapter, config_small=True), open_tokenizer(tokenizer)
+    check_tokenizer_fits(loaded, tok)
     return loaded, tok
 
 
@@ -64,7 +63,7 @@ def run(
     prompt: str | None = typer.Argument(None, help="Prompt text; read from stdin when omitted and stdin is piped."),
     model: Path | None = typer.Option(None, "--model", "-m", help="Model directory (float or quantized)."),
     adapter: Path | None = typer.Option(None, "--adapter", help="LoRA/DoRA adapter file, applied without merging."),
-    tokenizer: str = typer.Option(DEFAULT_TOKENIZER, "--tokenizer", "-t", help="Tokenizer id, directory or file."),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", "-t", help=TOKENIZER_HELP),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate per reply."),
     temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature; 0 is greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: off)."),
@@ -94,7 +93,7 @@ def run(
             raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
         Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=0)  # reject bad settings before loading
         text = None if chat else _read_prompt(prompt)
-        loaded, tok = load_model_and_tokenizer(model, adapter, tokenizer, config_small)
+        loaded, tok = _load(model, adapter, tokenizer, config_small)
     except (ValueError, OSError) as err:  # TokenizerLoadError and FileNotFoundError are OSErrors
         typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(1) from None

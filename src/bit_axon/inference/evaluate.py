@@ -1,20 +1,23 @@
-"""Token-weighted loss and perplexity of a model on a dataset's target tokens."""
+"""``evaluate_model``: token-weighted loss and perplexity of a model on a dataset's target tokens.
+
+A thin caller of the trainer's evaluation (``bit_axon.training.evaluation``): the same loss, the
+same sums, the same perplexity.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from bit_axon.loading import output_vocab_size
 from bit_axon.training.collate import Batch, iterate_batches
 from bit_axon.training.data import PreferencePair
-from bit_axon.training.losses import sft_loss, shift_packed
+from bit_axon.training.evaluation import evaluate_loss, perplexity, sft_loss_terms
+from bit_axon.training.losses import gather_targets, shift_packed
 from bit_axon.training.packing import EOS_TOKEN_ID, PAD_TOKEN_ID
 
 import mlx.core as mx
 import mlx.nn as nn
-
-_MAX_EXP_ARG = 709.0  # math.exp overflows a float above ~709.78
 
 
 class _ChosenView:
@@ -38,13 +41,26 @@ def sft_examples(dataset: Sequence[Any]) -> Sequence[tuple[list[int], list[int]]
     return dataset
 
 
-def _cap_targets(token_ids: mx.array, loss_mask: mx.array, segment_ids: mx.array, budget: int) -> mx.array:
-    """A loss mask keeping only the first ``budget`` target tokens of the batch (row-major order)."""
-    _, _, weights, _ = shift_packed(token_ids, loss_mask, segment_ids)
-    order = mx.cumsum(weights.reshape(-1)).reshape(weights.shape)
-    kept = weights * (order <= budget)
-    # sft_loss reads targets from loss_mask[:, 1:]; position 0 is never a target.
-    return mx.concatenate([mx.zeros_like(loss_mask[:, :1]), kept.astype(loss_mask.dtype)], axis=1)
+def _first_targets(batches: Iterator[Batch], budget: int) -> Iterator[Batch]:
+    """The batches, with the loss mask cut after the first ``budget`` target tokens (row-major order)."""
+    for batch in batches:
+        _, _, weights, _ = shift_packed(batch.token_ids, batch.loss_mask, batch.segment_ids)
+        order = mx.cumsum(weights.reshape(-1)).reshape(weights.shape)
+        kept = weights * (order <= budget)
+        # Targets are read from loss_mask[:, 1:]; position 0 is never a target.
+        mask = mx.concatenate([mx.zeros_like(batch.loss_mask[:, :1]), kept.astype(batch.loss_mask.dtype)], axis=1)
+        yield batch._replace(loss_mask=mask)
+        budget -= int(kept.sum().item())
+        if budget <= 0:
+            return
+
+
+def _in_vocabulary(batches: Iterator[Batch], vocab_size: int) -> Iterator[Batch]:
+    for batch in batches:
+        # An out-of-range id would read past the embedding table instead of failing.
+        if (largest := batch.token_ids.max().item()) >= vocab_size:
+            raise ValueError(f"token id {largest} is outside the model's vocabulary of {vocab_size}")
+        yield batch
 
 
 def evaluate_model(
@@ -59,11 +75,11 @@ def evaluate_model(
     """``{"loss", "perplexity", "tokens"}`` over the dataset's target tokens (loss mask 1).
 
     The loss is the mean next-token cross-entropy per target token (token-weighted across
-    examples, not averaged per batch) and the perplexity its exponential. Examples are packed into
-    rows of ``seq_length`` tokens in file order, as in training, with no attention across examples.
-    ``max_tokens`` stops after exactly that many target tokens. Preference (ORPO) datasets are
-    evaluated on their chosen responses. ``eos_token_id``/``pad_token_id`` are the packing separator
-    and padding (never targets).
+    examples, not averaged per batch) and the perplexity its exponential (inf where that
+    overflows). Examples are packed into rows of ``seq_length`` tokens in file order, as in
+    training, with no attention across examples. ``max_tokens`` stops after exactly that many
+    target tokens. Preference (ORPO) datasets are evaluated on their chosen responses.
+    ``eos_token_id``/``pad_token_id`` are the packing separator and padding (never targets).
     """
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -71,34 +87,10 @@ def evaluate_model(
         sft_examples(dataset), batch_size, seq_length, shuffle=False, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
-    was_training = model.training
-    model.eval()  # no adapter dropout while measuring
-    try:
-        total_loss, total_tokens = _loss_sum(model, batches, max_tokens)
-    finally:
-        model.train(was_training)
-    if total_tokens == 0:
+    batches = _in_vocabulary(batches, output_vocab_size(model))
+    if max_tokens is not None:
+        batches = _first_targets(batches, max_tokens)
+    totals = evaluate_loss(model, (gather_targets(*batch) for batch in batches), sft_loss_terms)
+    if totals.weight == 0:
         raise ValueError("the dataset has no target tokens (loss mask is 0 everywhere) to evaluate on")
-    loss = total_loss / total_tokens
-    perplexity = math.exp(loss) if loss < _MAX_EXP_ARG else math.inf
-    return {"loss": loss, "perplexity": perplexity, "tokens": total_tokens}
-
-
-def _loss_sum(model: nn.Module, batches: Iterable[Batch], max_tokens: int | None) -> tuple[float, int]:
-    vocab_size = model.config.vocab_size
-    total_loss = 0.0
-    total_tokens = 0
-    for batch in batches:
-        # An out-of-range id would read past the embedding table instead of failing.
-        if (largest := batch.token_ids.max().item()) >= vocab_size:
-            raise ValueError(f"token id {largest} is outside the model's vocabulary of {vocab_size}")
-        loss_mask = batch.loss_mask
-        if max_tokens is not None:
-            loss_mask = _cap_targets(batch.token_ids, loss_mask, batch.segment_ids, max_tokens - total_tokens)
-        loss_sum, count = sft_loss(model, batch.token_ids, loss_mask, batch.segment_ids)
-        mx.eval(loss_sum, count)
-        total_loss += loss_sum.item()
-        total_tokens += int(count.item())
-        if max_tokens is not None and total_tokens >= max_tokens:
-            break
-    return total_loss, total_tokens
+    return {"loss": totals.loss, "perplexity": perplexity(totals.loss), "tokens": int(totals.weight)}

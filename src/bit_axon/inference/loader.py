@@ -1,20 +1,20 @@
-"""Loading a model for inference: a model directory (float or quantized), optionally with an adapter."""
+"""``load_for_inference``: a model (any source ``bit_axon.loading`` reads), optionally with an adapter.
+
+The model half of ``bit_axon.loading.load``, plus a random small model for smoke tests.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from bit_axon.config import BitAxonConfig
-from bit_axon.loading import load_model
+from bit_axon.loading import default_dtype, open_model, ready_for_inference
 from bit_axon.model import BitAxonModel
-from bit_axon.training.checkpoint import load_adapter
 
 import mlx.core as mx
+import mlx.nn as nn
 
-
-def default_dtype() -> mx.Dtype | None:
-    """float32 on the CPU (MLX's CPU backend sends only float32 matmuls through BLAS), else as stored."""
-    return mx.float32 if mx.default_device() == mx.cpu else None
+__all__ = ["default_dtype", "load_for_inference"]
 
 
 def load_for_inference(
@@ -22,7 +22,7 @@ def load_for_inference(
     adapter_path: str | Path | None = None,
     config_small: bool = False,
     dtype: mx.Dtype | None = None,
-) -> BitAxonModel:
+) -> nn.Module:
     """The model at ``model_path`` with the adapter file ``adapter_path`` applied on top (not merged).
 
     ``config_small`` builds a fresh ``BitAxonConfig.small()`` model with random weights instead
@@ -32,16 +32,10 @@ def load_for_inference(
     """
     if config_small == (model_path is not None):
         raise ValueError("pass either a model directory or config_small=True (not both)")
-    if dtype is None:
-        dtype = default_dtype()
-    if config_small:
-        model = BitAxonModel(BitAxonConfig.small())
-        if dtype is not None:
-            model.set_dtype(dtype)
-    else:
-        model = load_model(model_path, dtype=dtype)
-    if adapter_path is not None:
-        load_adapter(model, adapter_path)
-    model.eval()  # adapter dropout off
-    mx.eval(model.parameters())
-    return model
+    if not config_small:
+        return open_model(model_path, adapter_path, dtype)
+    model = BitAxonModel(BitAxonConfig.small())
+    dtype = dtype if dtype is not None else default_dtype()
+    if dtype is not None:
+        model.set_dtype(dtype)
+    return ready_for_inference(model, adapter_path)

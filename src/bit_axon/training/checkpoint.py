@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from bit_axon.io import atomic_save_safetensors
-from bit_axon.training.lora import adapter_config, adapter_layers, apply_lora_to_model, lora_target
+from bit_axon.training.lora import (
+    ADAPTER_KINDS,
+    AdapterConfig,
+    adapter_config,
+    adapter_layers,
+    apply_adapters,
+    lora_target,
+)
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,79 +32,102 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------
 # Adapter-only files: save_adapter_only / load_adapter
 #
-# A file holds ``{layer path}.lora_a``, ``.lora_b`` (and DoRA's ``.m``) for every adapted layer, plus
-# safetensors metadata ``lora_rank``, ``lora_scale``, ``lora_dropout`` and ``use_dora`` (strings, from
-# ``AdapterConfig.metadata()``), so loading rebuilds the same adapters without guessing.
+# A file holds ``{layer path}.{name}`` for every adapted layer and each of its kind's
+# ``parameter_names`` (``lora_a``, ``lora_b``, and DoRA's ``m``), plus the safetensors metadata of
+# ``AdapterConfig.metadata()``: ``adapter_kind``, ``lora_rank``, ``lora_scale``, ``lora_dropout`` and
+# ``use_dora`` (strings), so loading rebuilds the same adapters without guessing. Files written before
+# ``adapter_kind`` was recorded still load: their kind is inferred from the tensors.
 # ---------------------------------------------------------------------------------------------------
-
-ADAPTER_PARAMS = ("lora_a", "lora_b", "m")
-DEFAULT_LORA_SCALE = 20.0  # the guide's default; used only for files that do not record their scale
 
 
 def save_adapter_only(model: nn.Module, path: str | Path) -> Path:
     """Write only the adapter weights (``lora_a``, ``lora_b``, DoRA ``m``) of ``model`` to ``path``."""
     path = Path(path)
     config = adapter_config(model)  # also refuses models without adapters or with mixed settings
-    weights = {}
-    for layer_path, layer in adapter_layers(model):
-        for name in ADAPTER_PARAMS:
-            if name in layer:
-                weights[f"{layer_path}.{name}"] = layer[name]
+    weights = {
+        f"{layer_path}.{name}": layer[name]
+        for layer_path, layer in adapter_layers(model)
+        for name in layer.parameter_names
+    }
     atomic_save_safetensors(path, weights, metadata={"format": "mlx", **config.metadata()})
     return path
 
 
-def _split_adapter_key(key: str) -> tuple[str, str] | None:
-    layer_path, _, name = key.rpartition(".")
-    return (layer_path, name) if layer_path and name in ADAPTER_PARAMS else None
+def _adapter_parameter_names() -> set[str]:
+    return {name for cls in ADAPTER_KINDS.values() for name in cls.parameter_names}
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
-    """Wrap ``model``'s target layers in adapters of the kind and rank stored in ``path``, then load them.
-
-    ``model`` must not have adapters yet. The file may also hold non-adapter tensors (a full training
-    checkpoint); those are ignored. Returns the wrapped layer paths. Raises ``ValueError`` when the
-    file's adapted layers or shapes do not match the model.
-    """
-    path = Path(path)
+def _read_adapter_tensors(path: Path) -> tuple[dict[str, dict[str, mx.array]], dict[str, str]]:
+    """``{layer path: {parameter name: tensor}}`` and the metadata of the adapter file at ``path``."""
     if not path.is_file():
         raise FileNotFoundError(f"Adapter file not found: {path}")
     try:
         tensors, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except (RuntimeError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-
+    names = _adapter_parameter_names()
     adapters: dict[str, dict[str, mx.array]] = {}
     for key, value in tensors.items():
-        split = _split_adapter_key(key)
-        if split is not None:
-            adapters.setdefault(split[0], {})[split[1]] = value
+        layer_path, _, name = key.rpartition(".")
+        if layer_path and name in names:
+            adapters.setdefault(layer_path, {})[name] = value
     if not adapters:
-        raise ValueError(f"{path} holds no adapter weights (no *.lora_a / *.lora_b / *.m tensors)")
+        listed = " / ".join(f"*.{name}" for name in sorted(names))
+        raise ValueError(f"{path} holds no adapter weights (no {listed} tensors)")
     ignored = len(tensors) - sum(len(v) for v in adapters.values())
     if ignored:
         logger.info("%s: ignoring %d non-adapter tensors", path, ignored)
+    return adapters, metadata
 
-    use_dora = any("m" in params for params in adapters.values())
-    incomplete = sorted(
-        p for p, params in adapters.items() if {"lora_a", "lora_b"} - set(params) or use_dora != ("m" in params)
-    )
-    if incomplete:
-        raise ValueError(f"{path}: incomplete adapter tensors for {', '.join(incomplete[:5])}")
-    ranks = {params["lora_a"].shape[-1] for params in adapters.values()}
-    if len(ranks) != 1:
+
+def _recorded_config(
+    path: Path, adapters: dict[str, dict[str, mx.array]], metadata: dict[str, str]
+) -> AdapterConfig:
+    """The adapters' settings from the file's metadata, checked against its tensors."""
+    ranks = {params["lora_a"].shape[-1] for params in adapters.values() if "lora_a" in params}
+    if len(ranks) > 1:
         raise ValueError(f"{path}: adapters of different ranks {sorted(ranks)}")
-    rank = ranks.pop()
-    if "lora_rank" in metadata and int(metadata["lora_rank"]) != rank:
-        raise ValueError(f"{path}: metadata says rank {metadata['lora_rank']} but the tensors have rank {rank}")
-    if "use_dora" in metadata and (metadata["use_dora"] == "true") != use_dora:
-        raise ValueError(f"{path}: metadata use_dora={metadata['use_dora']} disagrees with its tensors")
-    if "lora_scale" in metadata:
-        scale = float(metadata["lora_scale"])
-    else:
-        scale = DEFAULT_LORA_SCALE
-        logger.warning("%s does not record lora_scale; assuming the default %s", path, scale)
-    dropout = float(metadata.get("lora_dropout", 0.0))
+    recorded = dict(metadata)
+    if "adapter_kind" not in recorded:
+        # Files from before the kind was recorded held LoRA or DoRA, told apart by DoRA's magnitudes.
+        kind = "dora" if any("m" in params for params in adapters.values()) else "lora"
+        recorded["adapter_kind"] = kind
+        logger.warning("%s does not record adapter_kind; inferred %r from its tensors", path, kind)
+    if "lora_scale" not in recorded:
+        logger.warning("%s does not record lora_scale; assuming the default %s", path, AdapterConfig.scale)
+    if ranks:
+        rank = ranks.pop()
+        if int(recorded.setdefault("lora_rank", str(rank))) != rank:
+            recorded_rank = recorded["lora_rank"]
+            raise ValueError(f"{path}: metadata says rank {recorded_rank} but the tensors have rank {rank}")
+    try:
+        config = AdapterConfig.from_metadata(recorded)
+    except ValueError as err:
+        raise ValueError(f"Adapter file {path}: {err}") from err
+    if "use_dora" in recorded and (recorded["use_dora"] == "true") != config.use_dora:
+        raise ValueError(
+            f"{path}: metadata use_dora={recorded['use_dora']} disagrees with adapter kind {config.kind!r}"
+        )
+    expected = set(config.layer_class.parameter_names)
+    incomplete = sorted(p for p, params in adapters.items() if set(params) != expected)
+    if incomplete:
+        raise ValueError(
+            f"{path}: incomplete adapter tensors for {', '.join(incomplete[:5])} "
+            f"(a {config.kind} adapter has {', '.join(sorted(expected))})"
+        )
+    return config
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
+    """Wrap ``model``'s target layers in adapters of the kind and settings stored in ``path``, then load them.
+
+    ``model`` must not have adapters yet. The file may also hold non-adapter tensors (a full training
+    checkpoint); those are ignored. Returns the wrapped layer paths. Raises ``ValueError`` when the
+    file's adapted layers or shapes do not match the model, or its adapter kind is not registered.
+    """
+    path = Path(path)
+    adapters, metadata = _read_adapter_tensors(path)
+    config = _recorded_config(path, adapters, metadata)
 
     if adapter_layers(model):
         raise ValueError("The model already has adapters; load_adapter needs a model without them")
@@ -110,7 +140,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
             f"{len(unexpected)} adapters have no target layer {unexpected[:3]}"
         )
 
-    wrapped = apply_lora_to_model(model, rank=rank, dropout=dropout, scale=scale, use_dora=use_dora)
+    wrapped = apply_adapters(model, config)
     expected = dict(tree_flatten(model.trainable_parameters()))
     weights = {f"{p}.{name}": v for p, params in adapters.items() for name, v in params.items()}
     for key, value in weights.items():
@@ -135,7 +165,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
 # ``output_dir/step_%08d/`` holds ``adapters.safetensors`` (the trainable parameters, in the
 # adapter-file format above, so any checkpoint can be merged or run directly),
 # ``optimizer_state.safetensors`` (AdamW moments, step count, learning rate) and
-# ``training_state.json`` (``step``, ``loss`` and what exact resume needs: data position, RNG state).
+# ``training_state.json`` (``step``, ``loss``, what exact resume needs: the data position and
+# counters, and the run's resolved settings under ``config``, ``TrainingConfig.to_dict()``).
 # A checkpoint is written into a hidden temporary folder and renamed into place, so a crash mid-save
 # never leaves a half-written ``step_*`` folder behind.
 # ---------------------------------------------------------------------------------------------------

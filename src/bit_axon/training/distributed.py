@@ -17,6 +17,8 @@ import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TypeVar
 
+from bit_axon.training.cooling import ThermalShutdownError
+
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
@@ -109,3 +111,21 @@ def check_same(values: Mapping[str, int], group: mx.distributed.Group, what: str
             f"The {group.size()} processes disagree on {what}: {'; '.join(differ)}. Every machine needs the "
             "same data files, base model and arguments."
         )
+
+
+def agree_to_stop(
+    stop: bool, hot: ThermalShutdownError | None, group: mx.distributed.Group, step: int
+) -> tuple[bool, ThermalShutdownError | None]:
+    """Every rank's stop request and thermal stop (before ``step``), so that all ranks stop before the same step.
+
+    A rank that left the loop alone would leave the others waiting in the next gradient sum. The
+    thermal stop of the hottest rank is raised everywhere.
+    """
+    rows = gather_rows(
+        [float(stop), float(hot is not None), hot.temperature if hot else 0.0, hot.stop_temp if hot else 0.0], group
+    )
+    if hot is None:
+        hottest = max(rows, key=lambda row: (row[1], row[2]))
+        if hottest[1]:
+            hot = ThermalShutdownError(hottest[2], hottest[3], step)
+    return any(row[0] for row in rows), hot

@@ -1,9 +1,14 @@
 """Trainer: the SFT loop, and the machinery ORPOTrainer shares (accumulation, clipping, schedule,
-checkpoints with exact resume, signal handling, thermal hooks, progress and metrics, data
-parallelism across processes).
+exact resume, signal handling, data parallelism across processes).
 
-Subclasses change *what* a batch is and how it is scored by overriding ``batches``,
-``loss_terms``, ``batch_tokens`` and ``progress_fields``; everything else is common.
+The loop runs steps and nothing else; what happens around them (cooling, evaluation, the metrics
+file, the loss plot, checkpoints, early stopping, the non-finite-loss stop) are callbacks
+(``bit_axon.training.callbacks``). Subclasses change *what* a batch is and how it is scored by
+overriding ``batches``, ``loss_terms``, ``batch_tokens`` and ``progress_fields``.
+
+The model is any ``nn.Module`` that ``loss_terms`` can score: for SFT, one with
+``features(inputs, segment_ids=...)`` (hidden states), ``head(h)`` and ``output_head`` (the layer
+behind ``head``), and optionally ``set_recompute(bool)``.
 
 Under ``mlx.launch`` each process (rank) trains on its own shard of the batches and the ranks sum
 their gradients and token counts before every update (see ``distributed``), so W processes with
@@ -13,50 +18,62 @@ writes files and prints.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from bit_axon.io import atomic_write_bytes
-from bit_axon.training.checkpoint import (
-    get_latest_checkpoint,
-    load_checkpoint,
-    read_training_state,
-    save_adapter_only,
-    save_checkpoint,
+from bit_axon.training.callbacks import (
+    Callback,
+    Checkpointing,
+    Cooling,
+    Evaluation,
+    LossPlot,
+    MetricsWriter,
+    NonFiniteLossError,
+    NonFiniteStop,
+    step_was_skipped,
 )
+from bit_axon.training.checkpoint import save_checkpoint
 from bit_axon.training.collate import iterate_batches
 from bit_axon.training.config import TrainingConfig
 from bit_axon.training.cooling import ThermalShutdownError
-from bit_axon.training.distributed import all_sum_tree, broadcast_tree, check_same, gather_rows, shard
-from bit_axon.training.losses import TargetBatch, gather_targets, target_loss
-from bit_axon.training.packing import EOS_TOKEN_ID, PAD_TOKEN_ID
+from bit_axon.training.distributed import agree_to_stop, all_sum_tree, broadcast_tree, check_same, shard
+from bit_axon.training.evaluation import evaluate_loss, perplexity, sft_loss_terms
+from bit_axon.training.losses import TargetBatch, gather_targets
+from bit_axon.training.progress import StepProgress
+from bit_axon.training.resume import resume_latest
+from bit_axon.training.run_scope import StopSignals, memory_limit
+from bit_axon.training.scheduler import cosine_with_warmup
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+__all__ = ["NonFiniteLossError", "Trainer"]
 
 logger = logging.getLogger(__name__)
 
-FINAL_ADAPTER = "final_adapter.safetensors"
-METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
+VAL_PREFIX = "val_"  # evaluate()'s keys
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+def _special_token_id(name: str, explicit: int | None, dataset: Any) -> int:
+    """An explicit id wins, else the dataset's (the built-in datasets take theirs from the tokenizer)."""
+    if explicit is not None:
+        return explicit
+    value = getattr(dataset, name, None)
+    if value is None:
+        raise ValueError(
+            f"Trainer needs {name}: pass {name}=... or a dataset with an {name} attribute "
+            "(SFTDataset, AlpacaDataset and ORPODataset take it from their tokenizer)"
+        )
+    return value
 
 
 class Trainer:
@@ -70,8 +87,9 @@ class Trainer:
         *,
         console: Console | None = None,
         show_progress: bool = True,
-        eos_token_id: int = EOS_TOKEN_ID,
-        pad_token_id: int = PAD_TOKEN_ID,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        callbacks: Sequence[Callback] = (),
     ):
         self.model = model
         self.config = config
@@ -83,16 +101,28 @@ class Trainer:
         self.rank, self.world_size = self.group.rank(), self.group.size()
         self.console = (console or Console()) if self.is_main else Console(quiet=True)
         self.show_progress = show_progress and self.is_main
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
+        self.eos_token_id = _special_token_id("eos_token_id", eos_token_id, dataset)
+        self.pad_token_id = _special_token_id("pad_token_id", pad_token_id, dataset)
         self.output_dir = Path(config.output_dir)
         self.optimizer = optim.AdamW(learning_rate=self.schedule(), weight_decay=config.weight_decay)
         self.step = 0
         self.batches_consumed = 0
         self.nonfinite_steps = 0
         self.tokens_seen = 0
-        self.history: list[dict[str, Any]] = []
-        self._stop_requested = False
+        self.last_loss = math.nan  # of the last applied step: the loss a checkpoint records
+        self.stop_reason: str | None = None
+        self.signals = StopSignals(self._announce_stop)
+        writer = MetricsWriter()
+        self.history = writer.history
+        self.callbacks: list[Callback] = [
+            NonFiniteStop(config.max_nonfinite_steps),
+            *([Cooling(cooling_scheduler)] if cooling_scheduler is not None else []),
+            Evaluation(config.eval_every),
+            writer,
+            LossPlot(writer),
+            Checkpointing(config.save_every),
+            *callbacks,
+        ]
         if hasattr(model, "set_recompute"):
             model.set_recompute(config.grad_checkpoint)
 
@@ -103,8 +133,6 @@ class Trainer:
 
     # ---- what subclasses override -------------------------------------------------------------
     def schedule(self):
-        from bit_axon.training.scheduler import cosine_with_warmup
-
         c = self.config
         return cosine_with_warmup(c.learning_rate, c.warmup_steps, c.max_steps)
 
@@ -118,8 +146,7 @@ class Trainer:
 
     def loss_terms(self, model: nn.Module, batch) -> tuple[mx.array, mx.array, dict[str, mx.array]]:
         """(sum of losses, sum of weights, metric sums); the step loss is sum / weight."""
-        loss_sum, ntok = target_loss(model, batch)
-        return loss_sum, ntok, {}
+        return sft_loss_terms(model, batch)
 
     def batch_tokens(self, batch) -> int:
         """Real (non-padding) tokens in a batch, for tokens/s."""
@@ -128,7 +155,7 @@ class Trainer:
     def progress_fields(self, metrics: dict[str, Any]) -> str:
         return ""
 
-    # ---- the loop ------------------------------------------------------------------------------
+    # ---- one step ------------------------------------------------------------------------------
     def _build_step(self):
         """The compiled micro-step: loss terms and gradients of the summed loss for one batch."""
         model = self.model
@@ -139,8 +166,8 @@ class Trainer:
 
         loss_and_grad = nn.value_and_grad(model, loss)
 
-        def grad_step(*arrays):
-            (loss_sum, (weight, metrics)), grads = loss_and_grad(model, self._batch_type(*arrays))
+        def grad_step(batch):
+            (loss_sum, (weight, metrics)), grads = loss_and_grad(model, batch)
             return loss_sum, weight, metrics, grads
 
         state = [model.state, mx.random.state]
@@ -156,8 +183,7 @@ class Trainer:
         for _ in range(self.config.grad_accum_steps):
             batch = next(data)
             self.batches_consumed += self.world_size  # a global position: every rank took one batch
-            self._batch_type = type(batch)
-            ls, w, metrics, grads = grad_step(*batch)
+            ls, w, metrics, grads = grad_step(batch)
             totals = grads if totals is None else tree_map(mx.add, totals, grads)
             loss_sum = loss_sum + ls
             weight = weight + w
@@ -189,95 +215,73 @@ class Trainer:
         mx.eval(self.model.parameters(), self.optimizer.state)
         return loss, norm_value, True
 
+    def _train_step(self, grad_step, data: Iterator) -> dict[str, Any]:
+        """One optimizer step (``grad_accum_steps`` batches per rank); its metrics record."""
+        c = self.config
+        t0 = time.perf_counter()
+        # Random draws (adapter dropout) are seeded per step, so a resumed run repeats exactly the
+        # draws the uninterrupted run makes without storing RNG state; each rank draws its own
+        # masks for its own rows (rank 0 keeps the one-process seeds).
+        mx.random.seed(c.seed * 1_000_003 + self.step + (self.rank << 32))
+        grads, loss_sum, weight, metric_sums, tokens = self._accumulate(grad_step, data)
+        lr = float(self.optimizer.learning_rate.item())
+        loss, grad_norm, applied = self._apply(grads, loss_sum, weight)
+        self.step += 1
+        self.tokens_seen += tokens
+        if applied:
+            self.last_loss = loss
+        else:
+            self.nonfinite_steps += 1
+            logger.warning("step %d: non-finite loss/gradients (loss=%s); update skipped", self.step, loss)
+        w = max(weight.item(), 1e-9)
+        record: dict[str, Any] = {
+            "step": self.step, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
+            "tokens": tokens, "step_time": time.perf_counter() - t0, **self._throughput(),
+        }
+        record.update({k: v.item() / w for k, v in metric_sums.items()})
+        return record
+
+    def _throughput(self) -> dict[str, float]:
+        start_time, start_tokens = self._run_start
+        elapsed = max(time.perf_counter() - start_time, 1e-9)
+        return {"tokens_per_sec": (self.tokens_seen - start_tokens) / elapsed, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+
+    # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, dataset=None) -> dict[str, float]:
-        """Token-weighted loss and perplexity over a validation set; ranks share its batches."""
+        """Weighted loss, perplexity and metrics over a validation set; ranks share its batches."""
         dataset = dataset if dataset is not None else self.val_dataset
-        self.model.eval()
-        loss_sum = weight = 0.0
-        metric_sums: dict[str, float] = {}
-
-        def add(batch, scale: float = 1.0) -> None:
-            nonlocal loss_sum, weight
-            ls, w, metrics = self.loss_terms(self.model, batch)
-            mx.eval(ls, w, metrics)
-            loss_sum += scale * ls.item()
-            weight += scale * w.item()
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + scale * v.item()
-
         batches = self.batches(dataset, loop=False)
         if self.config.max_eval_batches is not None:
             batches = islice(batches, self.config.max_eval_batches)
-        first = None
-        evaluated = 0
-        for i, batch in enumerate(batches):
-            first = batch if first is None else first
-            if i % self.world_size == self.rank:
-                add(batch)
-                evaluated += 1
-        if self.world_size > 1:
-            if not evaluated and first is not None:
-                # Fewer batches than ranks: score one anyway, weighted 0, so this rank sends the
-                # same metric names to the sum as the others.
-                add(first, scale=0.0)
-            sums = all_sum_tree((mx.array(loss_sum), mx.array(weight), tree_map(mx.array, metric_sums)), self.group)
-            loss_sum, weight = sums[0].item(), sums[1].item()
-            metric_sums = {k: v.item() for k, v in sums[2].items()}
-        self.model.train()
-        if weight == 0:
+        totals = evaluate_loss(self.model, batches, self.loss_terms, self.group)
+        if totals.weight == 0:
             return {}
-        val_loss = loss_sum / weight
-        out = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 700.0))}
-        out.update({f"val_{k}": v / weight for k, v in metric_sums.items()})
-        return out
+        out = {"loss": totals.loss, "perplexity": perplexity(totals.loss), **totals.metric_means()}
+        return {VAL_PREFIX + k: v for k, v in out.items()}
 
-    def _resume(self) -> None:
-        """Load the latest checkpoint (rank 0 only: the others receive it in ``_sync_from_rank0``)."""
-        latest = get_latest_checkpoint(self.output_dir)
-        if latest is None:
-            self.console.print(f"No checkpoint in {self.output_dir}; starting from step 0.")
-            return
-        self.step, _ = load_checkpoint(self.model, self.optimizer, latest)
-        state = read_training_state(latest)
-        self.batches_consumed = state.get("batches_consumed", 0)
-        self.nonfinite_steps = state.get("nonfinite_steps", 0)
-        self.tokens_seen = state.get("tokens_seen", 0)
-        if self.cooling is not None and "total_pause_time" in state:
-            self.cooling.restore_totals(state)
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.world_size:
-            # batches_consumed counts global batches, so the data position carries over exactly;
-            # only the number of rows per step changes.
-            self.console.print(
-                f"[yellow]{latest} was written by {saved_world} process(es), this run has {self.world_size}: "
-                f"continuing from the same data position, but each step now takes {self.world_size} x "
-                f"{self.config.grad_accum_steps} batches of {self.config.batch_size} instead of {saved_world} x "
-                f"{self.config.grad_accum_steps}.[/yellow]"
-            )
-        changed = [
-            f"{name} {state[key]} -> {value}"
-            for key, name, value in (
-                ("batch_size", "batch size", self.config.batch_size),
-                ("max_seq_len", "max sequence length", self.config.max_seq_len),
-                ("seed", "seed", self.config.seed),
-            )
-            if key in state and state[key] != value
-        ]
-        if changed:
-            # The packed batches, and their shuffled order, depend on all three: batch
-            # ``batches_consumed`` of the new order is not where the old run stopped.
-            self.console.print(
-                f"[yellow]{latest} was written with a different {', '.join(changed)}: the batches are "
-                f"made differently now, so resuming after {self.batches_consumed} of them repeats some "
-                f"examples and skips others.[/yellow]"
-            )
-        metrics_file = self.output_dir / METRICS_FILE
-        if metrics_file.exists():
-            self.history = [
-                rec for rec in map(json.loads, metrics_file.read_text().splitlines()) if rec.get("step", 0) <= self.step
-            ]
-            self._write_metrics_file()
-        self.console.print(f"Resumed from {latest} (step {self.step}).")
+    # ---- resume, state, stopping ---------------------------------------------------------------
+    def training_state(self) -> dict[str, Any]:
+        """What a checkpoint's ``training_state.json`` records besides step and loss."""
+        c = self.config
+        state = {
+            "batches_consumed": self.batches_consumed, "nonfinite_steps": self.nonfinite_steps,
+            "tokens_seen": self.tokens_seen, "max_steps": c.max_steps,
+            "learning_rate": float(self.optimizer.learning_rate.item()), "world_size": self.world_size,
+            "batch_size": c.batch_size, "max_seq_len": c.max_seq_len, "seed": c.seed,
+        }
+        for callback in self.callbacks:
+            state.update(callback.checkpoint_state())
+        state["config"] = c.to_dict()
+        return state
+
+    def save_checkpoint(self) -> Path | None:
+        """A checkpoint of the current step (rank 0; None on the other ranks)."""
+        if not self.is_main:
+            return None
+        return save_checkpoint(
+            self.model, self.optimizer, self.step, self.last_loss, self.output_dir,
+            extra_state=self.training_state(), keep=self.config.keep_checkpoints,
+        )
 
     def _sync_from_rank0(self) -> None:
         """Start every rank from rank 0's state: its checkpoint, or its fresh adapters.
@@ -306,242 +310,85 @@ class Trainer:
         mx.eval(self.model.parameters(), self.optimizer.state)
         self.step, self.batches_consumed, self.nonfinite_steps, self.tokens_seen = state["counters"].tolist()
 
-    def _agree_to_stop(
-        self, stop: bool, hot: ThermalShutdownError | None
-    ) -> tuple[bool, ThermalShutdownError | None]:
-        """Every rank's stop request and thermal stop, so that all ranks stop before the same step.
+    def request_stop(self, reason: str) -> None:
+        """Stop before the next step (a callback's graceful stop: the run saves and returns)."""
+        self.stop_reason = reason
 
-        A rank that left the loop alone would leave the others waiting in the next gradient sum.
+    def _stops_before_step(self) -> bool:
+        """Run the before-step callbacks; True when the run stops here (on every rank alike).
+
+        Raises the ``ThermalShutdownError`` of any rank, after the halt callbacks (a checkpoint).
         """
-        rows = gather_rows(
-            [float(stop), float(hot is not None), hot.temperature if hot else 0.0, hot.stop_temp if hot else 0.0],
-            self.group,
-        )
-        if hot is None:
-            hottest = max(rows, key=lambda row: (row[1], row[2]))
-            if hottest[1]:
-                hot = ThermalShutdownError(hottest[2], hottest[3], self.step + 1)
-        return any(row[0] for row in rows), hot
+        # The flags as they stand before the callbacks: a signal arriving during a thermal check
+        # (or a pause) lets this step run, like one arriving during the step.
+        stop = self.signals.requested or self.stop_reason is not None
+        hot = None
+        if not stop:
+            try:
+                self._emit("on_step_begin", self.step + 1)
+            except ThermalShutdownError as err:
+                hot = err
+        if self.world_size > 1:
+            stop, hot = agree_to_stop(stop, hot, self.group, self.step + 1)
+        if hot is not None:
+            self._emit("on_halt", hot)
+            raise hot
+        if stop and self.stop_reason is None:
+            self.signals.requested = True  # a signal here or on another rank
+        return stop
 
-    def _checkpoint(self, loss: float) -> Path | None:
-        if not self.is_main:
-            return None
-        extra = {
-            "batches_consumed": self.batches_consumed,
-            "nonfinite_steps": self.nonfinite_steps,
-            "tokens_seen": self.tokens_seen,
-            "max_steps": self.config.max_steps,
-            "learning_rate": float(self.optimizer.learning_rate.item()),
-            "world_size": self.world_size,
-            "batch_size": self.config.batch_size,
-            "max_seq_len": self.config.max_seq_len,
-            "seed": self.config.seed,
-        }
-        if self.cooling is not None:
-            extra.update(self.cooling.status())
-        return save_checkpoint(
-            self.model, self.optimizer, self.step, loss, self.output_dir,
-            extra_state=extra, keep=self.config.keep_checkpoints,
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def _announce_stop(self, signal_name: str) -> None:
+        self.console.print(
+            f"[yellow]{signal_name}: finishing step {self.step + 1}, "
+            "then saving a checkpoint (press Ctrl-C again to abort now).[/yellow]"
         )
 
-    def _log(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        if not self.is_main:
-            return
-        with open(self.output_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _write_metrics_file(self) -> None:
-        from bit_axon.io import atomic_write_text
-
-        atomic_write_text(self.output_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
-
-    def plot_losses(self) -> Path | None:
-        if not self.is_main:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r and math.isfinite(r["loss"])]
-        val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
-        if not train and not val:
-            return None
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
-        if val:
-            ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        path = self.output_dir / LOSS_PLOT
-        atomic_write_bytes(path, buf.getvalue())
-        return path
-
-    def _install_signal_handlers(self):
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum, frame):
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = True
-            self.console.print(
-                f"[yellow]{signal.Signals(signum).name}: finishing step {self.step + 1}, "
-                "then saving a checkpoint (press Ctrl-C again to abort now).[/yellow]"
-            )
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-        return previous
-
-    def train(self, resume: bool = False) -> dict[str, Any]:
-        c = self.config
-        mx.random.seed(c.seed)
+    # ---- the loop ------------------------------------------------------------------------------
+    def _begin(self, resume: bool) -> None:
+        mx.random.seed(self.config.seed)
         self.optimizer.init(self.model.trainable_parameters())
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if resume:
-                self._resume()
-            elif (self.output_dir / METRICS_FILE).exists():
-                (self.output_dir / METRICS_FILE).unlink()
+                resume_latest(self)
         if self.world_size > 1:
             self._sync_from_rank0()
         self.model.train()
+        self.last_loss = math.nan
+        mx.reset_peak_memory()
+        self._run_start = (time.perf_counter(), self.tokens_seen)
+
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        self._begin(resume)
         # This rank's batches, from the data position of a resumed run on.
         data = shard(self.batches(self.dataset, loop=True), self.rank, self.world_size, start=self.batches_consumed)
         grad_step = self._build_step()
-        previous_handlers = self._install_signal_handlers()
-        previous_limit = None if c.memory_limit_gb is None else mx.set_memory_limit(int(c.memory_limit_gb * 1e9))
-        mx.reset_peak_memory()
-        start_time = time.perf_counter()
-        start_tokens = self.tokens_seen
-        result: dict[str, Any] = {"step": self.step, "loss": float("nan"), "grad_norm": float("nan")}
-        last_saved = self.step
-        consecutive_nonfinite = 0
-        progress = Progress(
-            TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(), console=self.console, disable=not self.show_progress, transient=False,
-        )
-        try:
-            with progress:
-                task = progress.add_task("train", total=c.max_steps, completed=self.step, info="")
-                while self.step < c.max_steps:
-                    # The flag as it stands before the thermal check: a signal arriving during the
-                    # check (or a pause) lets this step run, like one arriving during the step.
-                    stop = self._stop_requested
-                    hot = None
-                    if self.cooling is not None and not stop:
-                        try:
-                            self.cooling.check_before_step(self.step + 1)
-                        except ThermalShutdownError as err:
-                            hot = err
-                    if self.world_size > 1:
-                        stop, hot = self._agree_to_stop(stop, hot)
-                    if hot is not None:
-                        if self.step > last_saved:
-                            path = self._checkpoint(result["loss"])
-                            self.console.print(f"[red]Thermal stop: checkpoint saved to {path}[/red]")
-                        raise hot
-                    if stop:
-                        self._stop_requested = True
-                        break
-                    t0 = time.perf_counter()
-                    # Random draws (adapter dropout) are seeded per step, so a resumed run repeats
-                    # exactly the draws the uninterrupted run makes without storing RNG state; each
-                    # rank draws its own masks for its own rows (rank 0 keeps the one-process seeds).
-                    mx.random.seed(c.seed * 1_000_003 + self.step + (self.rank << 32))
-                    grads, loss_sum, weight, metric_sums, tokens = self._accumulate(grad_step, data)
-                    lr = float(self.optimizer.learning_rate.item())
-                    loss, grad_norm, applied = self._apply(grads, loss_sum, weight)
-                    self.step += 1
-                    self.tokens_seen += tokens
-                    if not applied:
-                        self.nonfinite_steps += 1
-                        consecutive_nonfinite += 1
-                        logger.warning("step %d: non-finite loss/gradients (loss=%s); update skipped", self.step, loss)
-                        if consecutive_nonfinite >= c.max_nonfinite_steps:
-                            raise NonFiniteLossError(
-                                f"{consecutive_nonfinite} consecutive steps had non-finite loss or gradients "
-                                f"(last at step {self.step}); stopping. Try a lower --learning-rate; the last good "
-                                f"checkpoint in {self.output_dir} is intact."
-                            )
-                    else:
-                        consecutive_nonfinite = 0
-                    step_time = time.perf_counter() - t0
-                    if self.cooling is not None:
-                        self.cooling.after_step(step_time)
-                    w = max(weight.item(), 1e-9)
-                    elapsed = time.perf_counter() - start_time
-                    record: dict[str, Any] = {
-                        "step": self.step, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
-                        "tokens": tokens, "step_time": step_time,
-                        "tokens_per_sec": (self.tokens_seen - start_tokens) / max(elapsed, 1e-9),
-                        "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                    }
-                    record.update({k: v.item() / w for k, v in metric_sums.items()})
-                    if self.cooling is not None:
-                        record.update(self.cooling.status())
-                    if applied:
-                        result.update(record)
-                    if c.eval_every and self.step % c.eval_every == 0 and self.val_dataset is not None:
-                        evaluation = self.evaluate()
-                        record.update(evaluation)
-                        result.update(evaluation)
-                    self._log(record)
-                    if "val_loss" in record:
-                        self.plot_losses()
-                    if self.step % c.save_every == 0:
-                        self._checkpoint(result["loss"])
-                        last_saved = self.step
-                    progress.update(task, completed=self.step, info=self._progress_text(record))
-            if self.step > last_saved:
-                self._checkpoint(result["loss"])
-        finally:
-            for sig, old in previous_handlers.items():
-                signal.signal(sig, old)
-            if previous_limit is not None:
-                mx.set_memory_limit(previous_limit)
-        if self._stop_requested:
+        result: dict[str, Any] = {"step": self.step, "loss": math.nan, "grad_norm": math.nan}
+        progress = StepProgress(self.console, self.show_progress, self.progress_fields)
+        with self.signals.installed(), memory_limit(self.config.memory_limit_gb):
+            with progress.shown(total=self.config.max_steps, completed=self.step):
+                self._emit("on_train_begin")
+                while self.step < self.config.max_steps and not self._stops_before_step():
+                    record = self._train_step(grad_step, data)
+                    self._emit("on_step_end", record)
+                    skipped = step_was_skipped(record)
+                    result.update({k: v for k, v in record.items() if not skipped or k.startswith(VAL_PREFIX)})
+                    progress.update(record)
+            self._emit("on_train_end", result)
+        if self.signals.requested:
             self.console.print(
                 f"[yellow]Stopped at step {self.step}; checkpoint saved in {self.output_dir}. "
                 "Run the same command with --resume to continue.[/yellow]"
             )
-        adapter_path = self.output_dir / FINAL_ADAPTER
-        if self.is_main:
-            save_adapter_only(self.model, adapter_path)
-        self.plot_losses()
-        elapsed = time.perf_counter() - start_time
+        elif self.stop_reason is not None:
+            self.console.print(f"[yellow]Stopped at step {self.step} ({self.stop_reason}).[/yellow]")
+        elapsed = time.perf_counter() - self._run_start[0]
         result.update(
-            step=self.step,
-            tokens_per_sec=(self.tokens_seen - start_tokens) / max(elapsed, 1e-9),
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            nonfinite_steps=self.nonfinite_steps,
-            interrupted=self._stop_requested,
-            elapsed_sec=elapsed,
-            adapter_path=str(adapter_path),
+            step=self.step, **self._throughput(), nonfinite_steps=self.nonfinite_steps,
+            interrupted=self.signals.requested, stop_reason=self.stop_reason, elapsed_sec=elapsed,
         )
-        if self.cooling is not None:
-            result.update(self.cooling.status())
         return result
-
-    def _progress_text(self, record: dict[str, Any]) -> str:
-        text = (
-            f"loss {record['loss']:.4f} lr {record['learning_rate']:.2e} "
-            f"{record['tokens_per_sec']:.0f} tok/s {record['peak_memory_gb']:.2f} GB"
-        )
-        if record.get("temperature") is not None:
-            text += f" {record['temperature']:.0f}°C"
-        if record.get("total_pause_time"):
-            text += f" paused {record['total_pause_time']:.0f}s"
-        if "val_loss" in record:
-            text += f" val {record['val_loss']:.4f}"
-        extra = self.progress_fields(record)
-        return f"{text} {extra}" if extra else text

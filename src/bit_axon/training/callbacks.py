@@ -1,0 +1,269 @@
+"""What happens around the training loop's steps: the callbacks ``Trainer.train`` calls.
+
+The loop itself (``Trainer.train``) only runs steps; cooling, evaluation, the metrics file, the
+loss plot, checkpoints, early stopping and the non-finite-loss stop are callbacks, called in list
+order at these points:
+
+* ``on_train_begin(trainer)``: after a resume (``trainer.step`` is the step the run starts from).
+* ``on_step_begin(trainer, step)``: before step ``step`` (1-based) runs. May sleep (a thermal
+  pause). Raising ``ThermalShutdownError`` stops the run on every rank after ``on_halt``.
+* ``on_step_end(trainer, record)``: after an update; ``record`` is the step's metrics row, which
+  callbacks may extend (cooling status, validation results) before later ones write it out.
+* ``on_halt(trainer, error)``: the run is about to raise ``error`` (a thermal stop).
+* ``on_train_end(trainer, result)``: the loop ended (all steps done, Ctrl-C, or a stop request);
+  callbacks may add to the ``result`` that ``train`` returns.
+* ``checkpoint_state()`` / ``restore_state(state)``: what the callback adds to a checkpoint's
+  ``training_state.json``, and takes back from it when a run resumes.
+
+The built-in callbacks run in the order above (the non-finite stop first, so a diverged step is
+neither written nor saved); extra ones (``Trainer(..., callbacks=[...])``) run after them, so they
+see each record complete, already written, and the step's checkpoint saved.
+
+A callback asks for a graceful stop (finish this step, save, return) with
+``trainer.request_stop(reason)``, or aborts by raising.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bit_axon.io import atomic_write_text
+from bit_axon.training.checkpoint import save_adapter_only
+from bit_axon.training.plotting import plot_losses
+
+if TYPE_CHECKING:
+    from bit_axon.training.cooling import CoolingScheduler
+    from bit_axon.training.trainer import Trainer
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+FINAL_ADAPTER = "final_adapter.safetensors"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+def step_was_skipped(record: dict[str, Any]) -> bool:
+    """Whether the step behind a metrics record made no update (non-finite loss or gradients, or no targets)."""
+    return not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]))
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step_begin(self, trainer: Trainer, step: int) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        pass
+
+    def on_halt(self, trainer: Trainer, error: BaseException) -> None:
+        pass
+
+    def on_train_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        pass
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class NonFiniteStop(Callback):
+    """Raise ``NonFiniteLossError`` after ``limit`` consecutive skipped steps.
+
+    The trainer skips (does not apply) a step whose loss or gradient norm is not finite; one such
+    step is noise, several in a row mean the run has diverged.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.consecutive = 0
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.consecutive = 0
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if not step_was_skipped(record):
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        if self.consecutive >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.consecutive} consecutive steps had non-finite loss or gradients "
+                f"(last at step {trainer.step}); stopping. Try a lower --learning-rate; the last good "
+                f"checkpoint in {trainer.output_dir} is intact."
+            )
+
+
+class Cooling(Callback):
+    """The thermal policy around each step: pause or stop before it, a cool-down gap after it.
+
+    In the warm tier the action is the cool-down gap (``CoolingScheduler.after_step``); the batch
+    size never changes, although ``should_reduce_batch()`` is True there: a smaller batch would
+    change the packed batches and the data position, so a resumed run would no longer repeat the
+    uninterrupted one.
+    """
+
+    def __init__(self, scheduler: CoolingScheduler):
+        self.scheduler = scheduler
+
+    def on_step_begin(self, trainer: Trainer, step: int) -> None:
+        self.scheduler.check_before_step(step)
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.scheduler.after_step(record["step_time"])
+        record.update(self.scheduler.status())
+
+    def on_train_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        result.update(self.scheduler.status())
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return dict(self.scheduler.status())
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        if "total_pause_time" in state:
+            self.scheduler.restore_totals(state)
+
+
+class Evaluation(Callback):
+    """``trainer.evaluate()`` every ``every`` steps when there is a validation set; the results join the record."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.every and trainer.step % self.every == 0 and trainer.val_dataset is not None:
+            record.update(trainer.evaluate())
+
+
+class MetricsWriter(Callback):
+    """``metrics.jsonl``: one JSON record per step, appended by rank 0; ``history`` holds the run's records.
+
+    A fresh run starts the file anew; a resumed run keeps the records up to the step it resumes
+    from, so every step appears once however often the run was interrupted.
+    """
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        path = trainer.output_dir / METRICS_FILE
+        self.history.clear()
+        if not trainer.is_main or not path.exists():
+            return
+        if trainer.step == 0:
+            path.unlink()
+            return
+        self.history.extend(
+            rec for rec in map(json.loads, path.read_text().splitlines()) if rec.get("step", 0) <= trainer.step
+        )
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if trainer.is_main:
+            with open(trainer.output_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class LossPlot(Callback):
+    """``loss.png`` from the writer's records: after every evaluation and at the end (rank 0)."""
+
+    def __init__(self, writer: MetricsWriter):
+        self.writer = writer
+
+    def plot(self, trainer: Trainer) -> Path | None:
+        return plot_losses(self.writer.history, trainer.output_dir / LOSS_PLOT) if trainer.is_main else None
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if "val_loss" in record:
+            self.plot(trainer)
+
+    def on_train_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        self.plot(trainer)
+
+
+class Checkpointing(Callback):
+    """Checkpoints every ``every`` steps, on a halt and at the end; then ``final_adapter.safetensors``.
+
+    A halt or the end saves only when a step ran since the last save, so a stop right after a
+    save (or before the first step of a resumed run) writes nothing new.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+        self.last_saved = 0
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.last_saved = trainer.step
+
+    def _save_if_new(self, trainer: Trainer) -> Path | None:
+        if trainer.step <= self.last_saved:
+            return None
+        self.last_saved = trainer.step
+        return trainer.save_checkpoint()
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if trainer.step % self.every == 0:
+            self._save_if_new(trainer)
+
+    def on_halt(self, trainer: Trainer, error: BaseException) -> None:
+        if (path := self._save_if_new(trainer)) is not None:
+            trainer.console.print(f"[red]Stopping: checkpoint of step {trainer.step} saved to {path}[/red]")
+
+    def on_train_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        self._save_if_new(trainer)
+        path = trainer.output_dir / FINAL_ADAPTER
+        if trainer.is_main:
+            save_adapter_only(trainer.model, path)
+        result["adapter_path"] = str(path)
+
+
+class EarlyStopping(Callback):
+    """Stop when ``metric`` (default the validation loss) has not improved by more than
+    ``min_delta`` for ``patience`` evaluations in a row.
+
+    The best value and the count survive a resume (they are checkpoint state). Pass it in
+    ``Trainer(..., callbacks=[EarlyStopping(patience=3)])``; it needs a validation set and
+    ``eval_every``.
+    """
+
+    def __init__(self, patience: int, min_delta: float = 0.0, metric: str = "val_loss"):
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.patience, self.min_delta, self.metric = patience, min_delta, metric
+        self.best = math.inf
+        self.evaluations_without_improvement = 0
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.metric not in record:
+            return
+        value = record[self.metric]
+        if value < self.best - self.min_delta:
+            self.best, self.evaluations_without_improvement = value, 0
+            return
+        self.evaluations_without_improvement += 1
+        if self.evaluations_without_improvement >= self.patience:
+            trainer.request_stop(
+                f"early stopping: {self.metric} has not improved on {self.best:.4f} "
+                f"in {self.patience} evaluations"
+            )
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        best = self.best if math.isfinite(self.best) else None
+        return {"early_stopping": {"best": best, "evaluations_without_improvement": self.evaluations_without_improvement}}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("early_stopping")
+        if saved:
+            self.best = math.inf if saved["best"] is None else saved["best"]
+            self.evaluations_without_improvement = saved["evaluations_without_improvement"]
