@@ -75,17 +75,9 @@ class BitAxonConfig:
     def small(cls, **overrides: Any) -> BitAxonConfig:
         """A configuration for tests and demos; its vocabulary still covers the Qwen2.5 tokenizer."""
         values: dict[str, Any] = dict(
-            hidden_dim=256,
-            num_layers=4,
-            num_heads=4,
-            d_source_model=128,
-            ssm_d_state=4,
-            ssm_expand=2,
-            swa_window_size=64,
-            moe_num_experts=4,
-            moe_top_k=2,
-            moe_intermediate_dim=512,
-            max_seq_len=2048,
+            hidden_dim=256, num_layers=4, num_heads=4, d_source_model=128, max_seq_len=2048,
+            ssm_d_state=4, ssm_expand=2, swa_window_size=64,
+            moe_num_experts=4, moe_top_k=2, moe_intermediate_dim=512,
         )
         values.update(overrides)
         return cls(**values)

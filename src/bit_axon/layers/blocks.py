@@ -12,12 +12,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+def _norm(config: BitAxonConfig) -> nn.RMSNorm:
+    return nn.RMSNorm(config.hidden_dim, eps=config.rms_norm_eps)
+
+
 class AxonSSMBlock(nn.Module):
     """Zone 1: x + SSM(norm(x))."""
 
     def __init__(self, config: BitAxonConfig):
         super().__init__()
-        self.input_norm = nn.RMSNorm(config.hidden_dim, eps=config.rms_norm_eps)
+        self.input_norm = _norm(config)
         self.ssm = AxonSSM(config)
 
     def make_cache(self) -> SSMCache:
@@ -32,9 +36,9 @@ class AxonSWAMoEBlock(nn.Module):
 
     def __init__(self, config: BitAxonConfig):
         super().__init__()
-        self.input_norm = nn.RMSNorm(config.hidden_dim, eps=config.rms_norm_eps)
+        self.input_norm = _norm(config)
         self.attention = SlidingWindowAttention(config)
-        self.post_attention_norm = nn.RMSNorm(config.hidden_dim, eps=config.rms_norm_eps)
+        self.post_attention_norm = _norm(config)
         self.moe = SharedExpertMoE(config)
 
     def make_cache(self) -> KVCache:
@@ -45,19 +49,14 @@ class AxonSWAMoEBlock(nn.Module):
         return x + self.moe(self.post_attention_norm(x))
 
 
-class AxonSSMMoEBlock(nn.Module):
-    """Zone 3: x + SSM(norm(x)); x + MoE(norm(x))."""
+class AxonSSMMoEBlock(AxonSSMBlock):
+    """Zone 3: zone 1's x + SSM(norm(x)), then x + MoE(norm(x))."""
 
     def __init__(self, config: BitAxonConfig):
-        super().__init__()
-        self.input_norm = nn.RMSNorm(config.hidden_dim, eps=config.rms_norm_eps)
-        self.ssm = AxonSSM(config)
-        self.post_ssm_norm = nn.RMSNorm(config.hidden_dim, eps=config.rms_norm_eps)
+        super().__init__(config)
+        self.post_ssm_norm = _norm(config)
         self.moe = SharedExpertMoE(config)
 
-    def make_cache(self) -> SSMCache:
-        return SSMCache()
-
     def __call__(self, x: mx.array, cache: SSMCache | None = None, segment_ids: mx.array | None = None):
-        x = x + self.ssm(self.input_norm(x), cache, segment_ids)
+        x = super().__call__(x, cache, segment_ids)
         return x + self.moe(self.post_ssm_norm(x))

@@ -12,7 +12,24 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-class SwitchLinear(nn.Module):
+class ExpertStack:
+    """Sizes of a module whose ``weight`` stacks ``num_experts`` (out, in) weights, in float or packed.
+
+    A mixin for :class:`SwitchLinear` and the quantized expert stacks, which define ``input_dims``
+    (the stored width, unpacked)."""
+
+    weight: mx.array
+
+    @property
+    def output_dims(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+
+class SwitchLinear(ExpertStack, nn.Module):
     """``num_experts`` linear maps stored as one (X, out, in) weight, applied per token by index."""
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int):
@@ -23,10 +40,6 @@ class SwitchLinear(nn.Module):
     @property
     def input_dims(self) -> int:
         return self.weight.shape[2]
-
-    @property
-    def num_experts(self) -> int:
-        return self.weight.shape[0]
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)

@@ -162,12 +162,7 @@ def choose_scan_method(b: int, E: int, N: int) -> str:
 
 
 def selective_scan(
-    x: mx.array,
-    dt: mx.array,
-    A: mx.array,
-    B: mx.array,
-    C: mx.array,
-    D: mx.array,
+    x: mx.array, dt: mx.array, A: mx.array, B: mx.array, C: mx.array, D: mx.array,
     h0: mx.array | None = None,
     reset: mx.array | None = None,
     block_size: int | None = None,
@@ -207,12 +202,7 @@ def selective_scan(
 
 
 def sequential_scan(
-    x: mx.array,
-    dt: mx.array,
-    A: mx.array,
-    B: mx.array,
-    C: mx.array,
-    D: mx.array,
+    x: mx.array, dt: mx.array, A: mx.array, B: mx.array, C: mx.array, D: mx.array,
     h0: mx.array | None = None,
     reset: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:

@@ -278,12 +278,7 @@ def _fused_scan_function(chunk: int):
 
 
 def fused_scan(
-    x: mx.array,
-    dt: mx.array,
-    A: mx.array,
-    B: mx.array,
-    C: mx.array,
-    D: mx.array,
+    x: mx.array, dt: mx.array, A: mx.array, B: mx.array, C: mx.array, D: mx.array,
     h0: mx.array,
     keep: mx.array,
     chunk: int = DEFAULT_CHUNK,

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 
-from bit_axon.profiling.sensor import SensorError, plausible
+from bit_axon.profiling.sensor import ClosableSensor, CommandSensor, SensorError, plausible
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,10 @@ def root_command_prefix() -> tuple[str, ...] | None:
     return ("sudo", "-n") if done.returncode == 0 else None
 
 
-class PowermetricsSensor:
+class PowermetricsSensor(CommandSensor):
     """Runs ``powermetrics`` once per read (about 0.25 s) and parses the die temperature."""
+
+    tool = "powermetrics"
 
     def __init__(
         self,
@@ -60,10 +62,7 @@ class PowermetricsSensor:
         run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
         timeout: float = 10.0,
     ):
-        self.command = [*prefix, *POWERMETRICS_COMMAND]
-        self.name = "powermetrics"
-        self._run = run
-        self._timeout = timeout
+        super().__init__([*prefix, *POWERMETRICS_COMMAND], "powermetrics", run, timeout)
 
     @classmethod
     def detect(cls) -> PowermetricsSensor:
@@ -81,13 +80,7 @@ class PowermetricsSensor:
         return sensor
 
     def read(self) -> float:
-        try:
-            done = self._run(self.command, capture_output=True, text=True, timeout=self._timeout, check=False)
-        except (OSError, subprocess.SubprocessError) as err:
-            raise SensorError(f"powermetrics failed: {err}") from err
-        if done.returncode != 0:
-            raise SensorError(f"powermetrics exited {done.returncode}: {done.stderr.strip()[:200]}")
-        value = parse_powermetrics(done.stdout)
+        value = parse_powermetrics(self.output())
         if value is None:
             raise SensorError("powermetrics printed no die temperature")
         return value
@@ -215,13 +208,12 @@ class _IOKitHID:
             self._client = None
 
 
-class HIDTemperatureSensor:
+class HIDTemperatureSensor(ClosableSensor):
     """Apple SoC die temperature from IOKit HID sensors; no root needed."""
 
     def __init__(self, read_all: Callable[[], Mapping[str, float]], close: Callable[[], None] | None = None):
-        self.name = "IOKit HID"
+        super().__init__("IOKit HID", close)
         self._read_all = read_all
-        self._close = close
 
     @classmethod
     def detect(cls) -> HIDTemperatureSensor:
@@ -229,13 +221,7 @@ class HIDTemperatureSensor:
             hid = _IOKitHID()
         except (OSError, AttributeError, ValueError) as err:  # missing library or symbol
             raise SensorError(f"IOKit HID unavailable: {err}") from err
-        sensor = cls(hid.read_all, hid.close)
-        try:
-            sensor.read()
-        except SensorError:
-            sensor.close()
-            raise
-        return sensor
+        return cls(hid.read_all, hid.close).checked()
 
     def read(self) -> float:
         readings = self._read_all()
@@ -243,8 +229,3 @@ class HIDTemperatureSensor:
         if value is None:
             raise SensorError(f"no SoC die sensor among {len(readings)} HID temperature sensors")
         return value
-
-    def close(self) -> None:
-        if self._close is not None:
-            self._close()
-            self._close = None

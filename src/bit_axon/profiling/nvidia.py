@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 
-from bit_axon.profiling.sensor import SensorError, plausible
+from bit_axon.profiling.sensor import ClosableSensor, CommandSensor, SensorError, plausible
 
 NVIDIA_SMI_COMMAND = ("nvidia-smi", "--query-gpu=temperature.gpu", "--format=csv,noheader")
 _NVML_TEMPERATURE_GPU = 0
@@ -90,13 +90,12 @@ def _ctypes_nvml_reader(selector: str) -> tuple[Callable[[], float], Callable[[]
     return read, shutdown
 
 
-class NvmlSensor:
+class NvmlSensor(ClosableSensor):
     """GPU core temperature through NVML: cheap enough to poll every second."""
 
     def __init__(self, read: Callable[[], float], close: Callable[[], None] | None, name: str):
-        self.name = name
+        super().__init__(name, close)
         self._read = read
-        self._close = close
 
     @classmethod
     def detect(cls, selector: str | None = None) -> NvmlSensor:
@@ -107,13 +106,7 @@ class NvmlSensor:
         except ImportError:
             read, close = _ctypes_nvml_reader(selector)
             binding = "libnvidia-ml"
-        sensor = cls(read, close, f"NVML GPU {selector} ({binding})")
-        try:
-            sensor.read()
-        except SensorError:
-            sensor.close()
-            raise
-        return sensor
+        return cls(read, close, f"NVML GPU {selector} ({binding})").checked()
 
     def read(self) -> float:
         value = self._read()
@@ -121,14 +114,12 @@ class NvmlSensor:
             raise SensorError(f"implausible GPU temperature {value}")
         return value
 
-    def close(self) -> None:
-        if self._close is not None:
-            self._close()
-            self._close = None
 
-
-class NvidiaSmiSensor:
+class NvidiaSmiSensor(CommandSensor):
     """Fallback when NVML cannot be loaded in-process: one ``nvidia-smi`` run per read."""
+
+    tool = "nvidia-smi"
+    error_stream = "stdout"  # nvidia-smi prints its errors ("No devices were found") on stdout
 
     def __init__(
         self,
@@ -136,10 +127,7 @@ class NvidiaSmiSensor:
         run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
         timeout: float = 10.0,
     ):
-        self.command = [*NVIDIA_SMI_COMMAND, "-i", selector]
-        self.name = f"nvidia-smi GPU {selector}"
-        self._run = run
-        self._timeout = timeout
+        super().__init__([*NVIDIA_SMI_COMMAND, "-i", selector], f"nvidia-smi GPU {selector}", run, timeout)
 
     @classmethod
     def detect(cls, selector: str | None = None) -> NvidiaSmiSensor:
@@ -150,13 +138,8 @@ class NvidiaSmiSensor:
         return sensor
 
     def read(self) -> float:
-        try:
-            done = self._run(self.command, capture_output=True, text=True, timeout=self._timeout, check=False)
-        except (OSError, subprocess.SubprocessError) as err:
-            raise SensorError(f"nvidia-smi failed: {err}") from err
-        if done.returncode != 0:
-            raise SensorError(f"nvidia-smi exited {done.returncode}: {done.stdout.strip()[:200]}")
-        values = parse_nvidia_smi(done.stdout)
+        stdout = self.output()
+        values = parse_nvidia_smi(stdout)
         if not values:
-            raise SensorError(f"nvidia-smi printed no temperature: {done.stdout.strip()[:200]!r}")
+            raise SensorError(f"nvidia-smi printed no temperature: {stdout.strip()[:200]!r}")
         return max(values)

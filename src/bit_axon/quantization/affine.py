@@ -16,16 +16,7 @@ from collections.abc import Callable
 import bit_axon.quantization.cpu_kernels as cpu_kernels
 from bit_axon.backend import settings
 from bit_axon.layers.moe import SwitchLinear
-from bit_axon.quantization.base import (
-    BaseLayer,
-    EmbeddingBase,
-    PackedSwitchLinear,
-    QuantFormat,
-    RowDequantizer,
-    SwitchBase,
-    register,
-    register_format,
-)
+from bit_axon.quantization import base
 from bit_axon.quantization.codes import affine_dequantize_ops, unpackable
 from bit_axon.quantization.fast_path import (
     after,
@@ -147,7 +138,7 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         return _quantized_matmul(self, x)
 
 
-class QuantizedSwitchLinear(PackedSwitchLinear):
+class QuantizedSwitchLinear(base.PackedSwitchLinear):
     """Affine-quantized :class:`SwitchLinear`: stacked expert weights applied with ``mx.gather_qmm``."""
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int, group_size: int = 64, bits: int = 4):
@@ -180,7 +171,7 @@ class QuantizedSwitchLinear(PackedSwitchLinear):
 # --- the common interface ---------------------------------------------------------------------
 
 
-class _MLXFormat(BaseLayer):
+class _MLXFormat(base.BaseLayer):
     """A layer in one of MLX's quantized formats (affine through our fast-path dequantizer)."""
 
     def _dequantizer(self) -> Callable[..., mx.array]:
@@ -192,11 +183,11 @@ class _MLXFormat(BaseLayer):
     def dequantize(self) -> mx.array:
         return self._dequantizer()(*_params(self.layer))
 
-    def row_dequantizer(self) -> RowDequantizer:
+    def row_dequantizer(self) -> base.RowDequantizer:
         return self._dequantizer(), _params(self.layer)
 
 
-@register(nn.QuantizedLinear)
+@base.register(nn.QuantizedLinear)
 class MLXQuantizedLinear(_MLXFormat):
     """MLX's own ``nn.QuantizedLinear`` (and mlx-lm's): MLX's kernel, so adapters match it bit for bit."""
 
@@ -216,7 +207,7 @@ class MLXQuantizedLinear(_MLXFormat):
         return type(like).from_linear(linear, like.group_size, like.bits, mode=like.mode)
 
 
-@register(QuantizedLinear)
+@base.register(QuantizedLinear)
 class AffineLinear(MLXQuantizedLinear):
     """Our :class:`QuantizedLinear`: the CPU fast path, and one dequantization for matmul + weight."""
 
@@ -232,19 +223,19 @@ class AffineLinear(MLXQuantizedLinear):
         return shared_dense_matmul(x, w, affine_dequantizer(layer.group_size, layer.bits), *params), w
 
 
-@register(nn.QuantizedEmbedding)
-class MLXQuantizedEmbedding(_MLXFormat, EmbeddingBase):
+@base.register(nn.QuantizedEmbedding)
+class MLXQuantizedEmbedding(_MLXFormat, base.EmbeddingBase):
     def dims(self) -> tuple[int, int]:
         return self.layer.weight.shape[1] * 32 // self.layer.bits, self.layer.weight.shape[0]
 
 
-@register(QuantizedSwitchLinear)
-class AffineSwitch(SwitchBase):
+@base.register(QuantizedSwitchLinear)
+class AffineSwitch(base.SwitchBase):
     pass
 
 
-register_format(
-    QuantFormat(
+base.register_format(
+    base.QuantFormat(
         name="affine",
         bits=AFFINE_BITS,
         bits_error="Affine quantization supports bits in " + str(AFFINE_BITS) + ", got {bits}",

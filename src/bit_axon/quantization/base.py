@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from bit_axon.layers.moe import SwitchLinear
+from bit_axon.layers.moe import ExpertStack, SwitchLinear
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -149,7 +149,7 @@ def is_quantized(module: nn.Module) -> bool:
     return base is not None and base.quantized
 
 
-class PackedSwitchLinear(nn.Module):
+class PackedSwitchLinear(ExpertStack, nn.Module):
     """What quantized MoE expert stacks share: (experts, out, packed in) codes, ``32 // bits`` per uint32.
 
     Subclasses set ``group_size``, ``bits``, ``mode`` and ``weight`` and define ``dequantize`` and
@@ -160,19 +160,9 @@ class PackedSwitchLinear(nn.Module):
     def input_dims(self) -> int:
         return self.weight.shape[-1] * 32 // self.bits
 
-    @property
-    def output_dims(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def num_experts(self) -> int:
-        return self.weight.shape[0]
-
     def _extra_repr(self) -> str:
-        return (
-            f"input_dims={self.input_dims}, output_dims={self.output_dims}, num_experts={self.num_experts}, "
-            f"group_size={self.group_size}, bits={self.bits}, mode={self.mode}"
-        )
+        sizes = f"input_dims={self.input_dims}, output_dims={self.output_dims}, num_experts={self.num_experts}"
+        return f"{sizes}, group_size={self.group_size}, bits={self.bits}, mode={self.mode}"
 
 
 # --- formats ----------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from bit_axon.backend import settings
 
@@ -99,49 +100,48 @@ def _dequantize_streams() -> tuple[mx.Stream, mx.Stream]:
     return mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
 
 
-def _dequantize_tile(dequantize, qparams, tiles, i: int, triggers: list[mx.array]) -> mx.array:
-    """Tile ``i`` of the float weight, dequantized once ``triggers[i]`` exists.
+class _TiledWeight(NamedTuple):
+    """A quantized weight ``dequantize(*qparams)``, rebuilt one range of output rows (``tiles``) at a time."""
 
-    With several tiles, two extra CPU streams take turns, so the next tile is rebuilt while this
-    one is multiplied (MLX's CPU elementwise kernels use one thread; the BLAS matmul uses all).
-    The callers pass the product from two tiles back as the trigger: at most three tiles are alive.
-    """
-    start, stop = tiles[i]
-    rows = [q[..., start:stop, :] for q in qparams]
-    if len(tiles) == 1:
-        return _dequantize_after(dequantize, triggers[i], rows)
-    with mx.stream(_dequantize_streams()[i % 2]):
-        return _dequantize_after(dequantize, triggers[i], rows)
+    dequantize: Callable[..., mx.array]
+    qparams: Sequence[mx.array]
+    tiles: list[tuple[int, int]]
+
+    def tile(self, i: int, triggers: list[mx.array]) -> mx.array:
+        """Tile ``i`` of the float weight, dequantized once ``triggers[i]`` exists.
+
+        With several tiles, two extra CPU streams take turns, so the next tile is rebuilt while this
+        one is multiplied (MLX's CPU elementwise kernels use one thread; the BLAS matmul uses all).
+        The callers pass the product from two tiles back as the trigger: at most three tiles are alive.
+        """
+        start, stop = self.tiles[i]
+        rows = [q[..., start:stop, :] for q in self.qparams]
+        if len(self.tiles) == 1:
+            return _dequantize_after(self.dequantize, triggers[i], rows)
+        with mx.stream(_dequantize_streams()[i % 2]):
+            return _dequantize_after(self.dequantize, triggers[i], rows)
 
 
 def _tiled_product(
-    dequantize: Callable[..., mx.array],
-    qparams,
-    tiles: list[tuple[int, int]],
-    x: mx.array,
-    multiply: Callable[[mx.array, mx.array], mx.array],
+    weight: _TiledWeight, x: mx.array, multiply: Callable[[mx.array, mx.array], mx.array]
 ) -> mx.array:
-    """``multiply(x, W)`` for ``W = dequantize(*qparams)``, one tile of W's output rows at a time,
-    the outputs concatenated along their last axis."""
+    """``multiply(x, W)`` for the float weight W, one tile of its output rows at a time, the outputs
+    concatenated along their last axis."""
     outputs, triggers = [], [x, x]
-    for i in range(len(tiles)):
-        outputs.append(multiply(x, _dequantize_tile(dequantize, qparams, tiles, i, triggers)))
+    for i in range(len(weight.tiles)):
+        outputs.append(multiply(x, weight.tile(i, triggers)))
         triggers.append(outputs[-1])
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=-1)
 
 
 def _tiled_input_grad(
-    dequantize: Callable[..., mx.array],
-    qparams,
-    tiles: list[tuple[int, int]],
-    cotangent: mx.array,
-    multiply: Callable[[mx.array, mx.array], mx.array],
+    weight: _TiledWeight, cotangent: mx.array, multiply: Callable[[mx.array, mx.array], mx.array]
 ) -> mx.array:
     """The sum over tiles of ``multiply(cotangent[..., tile], W[..., tile, :])``: the input gradient
     of ``_tiled_product``, each tile rebuilt from the codes."""
     total, triggers = cotangent, [cotangent, cotangent]
-    for i, (start, stop) in enumerate(tiles):
-        part = multiply(cotangent[..., start:stop], _dequantize_tile(dequantize, qparams, tiles, i, triggers))
+    for i, (start, stop) in enumerate(weight.tiles):
+        part = multiply(cotangent[..., start:stop], weight.tile(i, triggers))
         total = part if i == 0 else total + part
         triggers.append(total)
     return total
@@ -166,16 +166,17 @@ def dequantized_matmul(dequantize: Callable[..., mx.array]):
     or come from a cached factory (it keys this cache).
     """
 
+    def weight_of(x, qparams) -> _TiledWeight:
+        return _TiledWeight(dequantize, qparams, weight_tiles(qparams[0].shape[-2], x.shape[-1], rows(x)))
+
     @mx.custom_function
     def matmul(x, *qparams):
-        tiles = weight_tiles(qparams[0].shape[-2], x.shape[-1], rows(x))
-        return _tiled_product(dequantize, qparams, tiles, x, _matmul_t)
+        return _tiled_product(weight_of(x, qparams), x, _matmul_t)
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, *qparams = primals
-        tiles = weight_tiles(qparams[0].shape[-2], x.shape[-1], rows(x))
-        dx = _tiled_input_grad(dequantize, qparams, tiles, cotangent, _matmul)
+        dx = _tiled_input_grad(weight_of(x, qparams), cotangent, _matmul)
         return (dx.astype(x.dtype), *(mx.zeros_like(q) for q in qparams))
 
     return matmul
@@ -187,8 +188,9 @@ def dequantized_gather_matmul(dequantize: Callable[..., mx.array], sorted_indice
     dequantized once per call, in tiles of output rows; called as ``(x, *qparams, indices)``.
     Backward as ``dequantized_matmul``."""
 
-    def tiles_of(x, qparams):
-        return weight_tiles(qparams[0].shape[-2], qparams[0].shape[0] * x.shape[-1], rows(x))
+    def weight_of(x, qparams) -> _TiledWeight:
+        tiles = weight_tiles(qparams[0].shape[-2], qparams[0].shape[0] * x.shape[-1], rows(x))
+        return _TiledWeight(dequantize, qparams, tiles)
 
     @mx.custom_function
     def gather(x, *qparams_and_indices):
@@ -197,7 +199,7 @@ def dequantized_gather_matmul(dequantize: Callable[..., mx.array], sorted_indice
         def multiply(x, w):
             return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
-        return _tiled_product(dequantize, qparams, tiles_of(x, qparams), x, multiply)
+        return _tiled_product(weight_of(x, qparams), x, multiply)
 
     @gather.vjp
     def gather_vjp(primals, cotangent, output):
@@ -206,7 +208,7 @@ def dequantized_gather_matmul(dequantize: Callable[..., mx.array], sorted_indice
         def multiply(cotangent, w):
             return mx.gather_mm(cotangent, w, rhs_indices=indices, sorted_indices=sorted_indices)
 
-        dx = _tiled_input_grad(dequantize, qparams, tiles_of(x, qparams), cotangent, multiply)
+        dx = _tiled_input_grad(weight_of(x, qparams), cotangent, multiply)
         return (
             sum_to_shape(dx, x.shape).astype(x.dtype),
             *(mx.zeros_like(q) for q in qparams),
@@ -239,7 +241,7 @@ def _shared_dense_matmul(dequantize: Callable[..., mx.array]):
         x, dense, *qparams = primals
         # Rebuilt from the codes: ``dense`` is not referenced here, so it is freed after forward.
         tiles = weight_tiles(dense.shape[-2], dense.shape[-1], rows(x))
-        dx = _tiled_input_grad(dequantize, qparams, tiles, cotangent, _matmul)
+        dx = _tiled_input_grad(_TiledWeight(dequantize, qparams, tiles), cotangent, _matmul)
         return (dx.astype(x.dtype), mx.zeros_like(dense), *(mx.zeros_like(q) for q in qparams))
 
     return matmul

@@ -15,16 +15,7 @@ import math
 import bit_axon.quantization.cpu_kernels as cpu_kernels
 from bit_axon.backend import settings
 from bit_axon.layers.moe import SwitchLinear
-from bit_axon.quantization.base import (
-    BaseLayer,
-    EmbeddingBase,
-    PackedSwitchLinear,
-    QuantFormat,
-    RowDequantizer,
-    SwitchBase,
-    register,
-    register_format,
-)
+from bit_axon.quantization import base
 from bit_axon.quantization.codes import (
     CODES_PER_WORD,
     NF4_CODEBOOK,
@@ -156,7 +147,7 @@ class NF4Linear(nn.Module):
         return y
 
 
-class NF4SwitchLinear(PackedSwitchLinear):
+class NF4SwitchLinear(base.PackedSwitchLinear):
     """NF4 version of :class:`SwitchLinear`: stacked expert weights (X, out, in) applied by index."""
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int, group_size: int = 64):
@@ -234,15 +225,15 @@ class NF4Embedding(nn.Module):
 # --- the common interface ---------------------------------------------------------------------
 
 
-class _NF4Base(BaseLayer):
+class _NF4Base(base.BaseLayer):
     def dequantize(self) -> mx.array:
         return self.layer.dequantize()
 
-    def row_dequantizer(self) -> RowDequantizer:
+    def row_dequantizer(self) -> base.RowDequantizer:
         return nf4_dequantize, (self.layer["weight"], self.layer["scales"])
 
 
-@register(NF4Linear)
+@base.register(NF4Linear)
 class NF4LinearBase(_NF4Base):
     def dims(self) -> tuple[int, int]:
         return self.layer.input_dims, self.layer.output_dims
@@ -258,19 +249,19 @@ class NF4LinearBase(_NF4Base):
         return NF4Linear.from_linear(linear, self.layer.group_size)
 
 
-@register(NF4Embedding)
-class NF4EmbeddingBase(_NF4Base, EmbeddingBase):
+@base.register(NF4Embedding)
+class NF4EmbeddingBase(_NF4Base, base.EmbeddingBase):
     def dims(self) -> tuple[int, int]:
         return self.layer.dims, self.layer.num_embeddings
 
 
-@register(NF4SwitchLinear)
-class NF4SwitchBase(_NF4Base, SwitchBase):
+@base.register(NF4SwitchLinear)
+class NF4SwitchBase(_NF4Base, base.SwitchBase):
     pass
 
 
-register_format(
-    QuantFormat(
+base.register_format(
+    base.QuantFormat(
         name="nf4",
         bits=(4,),
         bits_error="nf4 quantization is 4-bit only; got bits={bits} (use mode='affine' for other widths)",

@@ -15,7 +15,7 @@ Nothing here cuts examples: the datasets did, once, when they were built with th
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from bit_axon.training.data import PreferencePair
 from bit_axon.training.packing import (
@@ -31,6 +31,8 @@ import mlx.core as mx
 import numpy as np
 
 IGNORE_INDEX = -100
+
+_Example = TypeVar("_Example")
 
 
 class Batch(NamedTuple):
@@ -75,6 +77,17 @@ def _epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(seed + epoch).permutation(n) if shuffle else np.arange(n)
 
 
+def _visit(dataset: Sequence[_Example], loop: bool, shuffle: bool, seed: int) -> Iterator[_Example]:
+    """The examples of one epoch, or of epoch after epoch forever with ``loop``, each in ``_epoch_order``."""
+    epoch = 0
+    while True:
+        for i in _epoch_order(len(dataset), shuffle, seed, epoch):
+            yield dataset[int(i)]
+        epoch += 1
+        if not loop:
+            return
+
+
 def _check_args(dataset: Sequence, batch_size: int, max_seq_len: int) -> None:
     if len(dataset) == 0:
         raise ValueError("cannot iterate over an empty dataset")
@@ -87,9 +100,7 @@ def iterate_batches(
     dataset: Sequence[tuple[list[int], list[int]]],
     batch_size: int,
     max_seq_len: int,
-    loop: bool = False,
-    shuffle: bool = True,
-    seed: int = 0,
+    loop: bool = False, shuffle: bool = True, seed: int = 0,
     eos_token_id: int = EOS_TOKEN_ID,
     pad_token_id: int = PAD_TOKEN_ID,
 ) -> Iterator[Batch]:
@@ -104,16 +115,11 @@ def iterate_batches(
     packer = SequencePacker(max_seq_len, eos_token_id, pad_token_id)
     collate = BatchCollator(batch_size, pad_token_id)
     rows: list[PackedBatch] = []
-    epoch = 0
-    while True:
-        for i in _epoch_order(len(dataset), shuffle, seed, epoch):
-            rows += packer.add_example(*dataset[int(i)])
-            while len(rows) >= batch_size:
-                yield collate(rows[:batch_size])
-                rows = rows[batch_size:]
-        epoch += 1
-        if not loop:
-            break
+    for example in _visit(dataset, loop, shuffle, seed):
+        rows += packer.add_example(*example)
+        while len(rows) >= batch_size:
+            yield collate(rows[:batch_size])
+            rows = rows[batch_size:]
     last = packer.flush()
     if last is not None:
         rows.append(last)
@@ -158,9 +164,7 @@ def iterate_orpo_batches(
     dataset: Sequence[PreferencePair],
     batch_size: int,
     max_seq_len: int,
-    loop: bool = False,
-    shuffle: bool = True,
-    seed: int = 0,
+    loop: bool = False, shuffle: bool = True, seed: int = 0,
     pad_token_id: int = PAD_TOKEN_ID,
 ) -> Iterator[OrpoBatch]:
     """Batches of whole preference pairs (chosen and rejected always together), no packing.
@@ -171,15 +175,10 @@ def iterate_orpo_batches(
     """
     _check_args(dataset, batch_size, max_seq_len)
     pending: list[PreferencePair] = []
-    epoch = 0
-    while True:
-        for i in _epoch_order(len(dataset), shuffle, seed, epoch):
-            pending.append(_fitting(dataset[int(i)], max_seq_len))
-            if len(pending) == batch_size:
-                yield collate_orpo(pending, pad_token_id)
-                pending = []
-        epoch += 1
-        if not loop:
-            break
+    for pair in _visit(dataset, loop, shuffle, seed):
+        pending.append(_fitting(pair, max_seq_len))
+        if len(pending) == batch_size:
+            yield collate_orpo(pending, pad_token_id)
+            pending = []
     if pending:
         yield collate_orpo(pending, pad_token_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from bit_axon.training.collate import IGNORE_INDEX
+from bit_axon.training.collate import IGNORE_INDEX, OrpoBatch
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -57,15 +57,9 @@ def _penalties(chosen_logps: mx.array, rejected_logps: mx.array, beta: float) ->
     return -nn.log_sigmoid(beta * ratio)
 
 
-def orpo_terms(
-    model: nn.Module,
-    chosen_ids: mx.array,
-    chosen_labels: mx.array,
-    rejected_ids: mx.array,
-    rejected_labels: mx.array,
-    beta: float = 0.1,
-) -> tuple[mx.array, dict[str, mx.array]]:
+def orpo_terms(model: nn.Module, batch: OrpoBatch, beta: float = 0.1) -> tuple[mx.array, dict[str, mx.array]]:
     """Per-pair losses (B,) and per-pair metrics; chosen and rejected go through one forward pass."""
+    chosen_ids, chosen_labels, rejected_ids, rejected_labels = batch
     n = chosen_ids.shape[0]
     if chosen_ids.shape[1] == rejected_ids.shape[1]:
         logits, _ = model(mx.concatenate([chosen_ids, rejected_ids], axis=0))
@@ -103,5 +97,6 @@ def compute_orpo_loss(
     The NLL of a pair is its chosen response's average token NLL, so a batch's loss is a mean over
     pairs and gradient accumulation weights every pair equally.
     """
-    losses, metrics = orpo_terms(model, chosen_ids, chosen_labels, rejected_ids, rejected_labels, beta)
+    batch = OrpoBatch(chosen_ids, chosen_labels, rejected_ids, rejected_labels)
+    losses, metrics = orpo_terms(model, batch, beta)
     return losses.mean(), {k: v.mean() for k, v in metrics.items()}
