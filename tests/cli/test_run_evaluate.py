@@ -8,6 +8,7 @@ import re
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.cli.main import app
+from bit_axon.cli.run import prompt_ids
 from bit_axon.inference import evaluate_model, generate, load_for_inference
 from bit_axon.loading import save_model
 from bit_axon.quantization import quantize_model
@@ -106,6 +107,31 @@ def test_run_chat(models, qwen_tokenizer):
         for text in ("Hi!", "Again")
     ]
     assert result.stdout == "".join(reply + "\n" for reply in replies)
+
+
+def test_chat_help_and_reset_are_commands_not_messages(models):
+    result = runner.invoke(
+        app, ["run", "-m", str(models["base"]), "--chat", "--max-tokens", "2", "--temperature", "0"],
+        input="/help\nHi!\n/reset\n/exit\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("tokens/s") == 2  # one reply: /help and /reset never reach the model
+    assert "/reset" in result.stderr and "/exit" in result.stderr and "Started over" in result.stderr
+    assert "Commands" not in result.stdout and result.stdout.count("\n") == 1
+
+
+def test_run_renders_the_prompt_with_the_models_template(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    question = "What is the capital of France?"
+    ids = prompt_ids(tok, question)
+    assert ids == tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    assert tok.decode(ids) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with_system = prompt_ids(tok, question, system="Be brief.")
+    assert tok.decode(with_system).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert prompt_ids(tok, question, raw=True) == tok.encode(question)
 
 
 def test_run_errors(models, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 
 import bit_axon  # noqa: F401  (BLAS before mlx)
 from bit_axon.sources import ChatTokenizer
@@ -44,6 +45,9 @@ def test_smollm2_special_tokens(smollm2):
     _, tokenizer = smollm2
     assert tokenizer.vocab_size == 49152
     assert tokenizer.eos_token_id == 2 == tokenizer.encode("<|im_end|>")[0]
+    # The GGUF says pad = eos = 2; padding must not be a real token, so <|endoftext|> pads instead.
+    assert tokenizer.pad_token_id == 0 == tokenizer.encode("<|endoftext|>")[0]
+    assert tokenizer.stop_token_ids == (2, 0)
     assert tokenizer.encode("<|im_start|>user") == [1, tokenizer.encode("user")[0]]
     assert tokenizer.encode("1234") == [tokenizer.encode(d)[0] for d in "1234"]  # digits split one by one
     for text in TEXTS:
@@ -117,3 +121,30 @@ def test_template_that_rewrites_history_is_refused(qwen_json):
     metadata["tokenizer.chat_template"] = "{{ messages | length }}" + CHATML
     with pytest.raises(ValueError, match="renders a conversation's first"):
         ChatTokenizer.from_gguf_metadata(metadata).chat_pieces(CHAT)
+
+
+def test_pad_that_ends_turns_is_replaced_once_and_logged(qwen_json, caplog):
+    metadata = gguf_metadata_from(qwen_json)
+    metadata["tokenizer.ggml.padding_token_id"] = mx.array(151645, dtype=mx.uint32)  # <|im_end|>
+    with caplog.at_level(logging.INFO, logger="bit_axon.sources.tokenizer"):
+        tokenizer = ChatTokenizer.from_gguf_metadata(metadata)
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (151645, 151643)
+    assert [r.getMessage() for r in caplog.records if "padding with" in r.getMessage()] == [
+        "GGUF file: the pad token '<|im_end|>' also ends a turn; padding with '<|endoftext|>' instead"
+    ]
+
+
+def test_smollm2_save_round_trip(smollm2, tmp_path):
+    _, tokenizer = smollm2
+    tokenizer.save(tmp_path)
+    loaded = ChatTokenizer.from_hf_directory(tmp_path)
+    for name in ("vocab_size", "eos_token_id", "pad_token_id", "stop_token_ids", "bos_token", "eos_token", "pad_token"):
+        assert getattr(loaded, name) == getattr(tokenizer, name), name
+    for messages in (CHAT, [{"role": "system", "content": "Be brief."}, *CHAT[:1]]):
+        assert loaded.apply_chat_template(messages, tokenize=False) == tokenizer.apply_chat_template(messages, tokenize=False)
+        assert loaded.apply_chat_template(messages, add_generation_prompt=True) == tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True
+        )
+    assert loaded.chat_pieces(CHAT) == tokenizer.chat_pieces(CHAT)
+    for text in TEXTS:
+        assert loaded.encode(text) == tokenizer.encode(text)

@@ -324,3 +324,42 @@ def test_example_files_load(name, qwen_tokenizer):
     assert type(data) is cls and len(data) == count and data.num_truncated == 0
     lengths = [len(item[0]) for item in data]
     assert max(lengths) <= 80 and len(set(lengths)) > 5
+
+
+# --- a model's own chat template (SmolLM2: ChatML with a default system prompt) ------------------
+
+
+def test_smollm2_sft_mask_exactly_on_assistant_contents_and_end_tokens(tmp_path, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    data = SFTDataset(write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS]), tok)
+    for (ids, mask), conversation in zip(data, CONVERSATIONS, strict=True):
+        assert ids == tok.apply_chat_template(conversation)
+        answers = [m["content"] for m in conversation if m["role"] == "assistant"]
+        assert [tok.decode(r) for r in mask_runs(ids, mask)] == [a + "<|im_end|>" for a in answers]
+        assert sum(mask) == sum(len(tok.encode(a)) + 1 for a in answers)  # every end token trained
+    # Without a system message the template adds its own, which is prompt, never a target.
+    ids, mask = data[1]
+    default_system = tok.encode("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    assert ids[: len(default_system)] == default_system and not any(mask[: mask.index(1)])
+
+
+def test_smollm2_alpaca_and_orpo_share_the_templated_prompt(tmp_path, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    alpaca = AlpacaDataset(write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Name a color.", "output": "Blue."}]), tok)
+    ids, mask = alpaca[0]
+    messages = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]
+    assert ids == tok.apply_chat_template(messages)
+    assert [tok.decode(r) for r in mask_runs(ids, mask)] == ["Blue.<|im_end|>"]
+
+    multi_turn = {**ORPO_MESSAGES, "prompt": [*CONVERSATIONS[1][:2], {"role": "user", "content": "And a haiku?"}]}
+    data = ORPODataset(write_jsonl(tmp_path / "p.jsonl", [ORPO_MESSAGES, ORPO_STRINGS, multi_turn]), tok)
+    assert data[0] == data[1]
+    for pair, record in zip(data, [ORPO_MESSAGES, ORPO_MESSAGES, multi_turn], strict=True):
+        prompt = tok.apply_chat_template(record["prompt"], add_generation_prompt=True)
+        assert pair.chosen_ids[: len(prompt)] == pair.rejected_ids[: len(prompt)] == prompt
+        for ids, mask, key in [(pair.chosen_ids, pair.chosen_mask, "chosen"), (pair.rejected_ids, pair.rejected_mask, "rejected")]:
+            # The prompt's own assistant turn is not a target: only the response and its end token.
+            assert mask == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+            assert tok.decode(ids[len(prompt) :]) == record[key][0]["content"] + "<|im_end|>"
+            assert ids == tok.apply_chat_template(record["prompt"] + record[key])[:-1]  # all but the final "\n"
+    assert (data.eos_token_id, data.pad_token_id) == (2, 0)

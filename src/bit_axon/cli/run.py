@@ -5,13 +5,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bit_axon.inference import ChatSession, GenerationChunk, Sampler, load_for_inference, stream_generate
-from bit_axon.loading import check_tokenizer_fits, load, open_tokenizer
+from bit_axon.inference import (
+    ChatSession,
+    GenerationChunk,
+    Sampler,
+    load,
+    load_for_inference,
+    stream_generate,
+)
+from bit_axon.loading import check_tokenizer_fits, load_tokenizer
+from bit_axon.tokenizer import BaseTokenizer
 
 import typer
 from rich.console import Console
 
 EXIT_COMMANDS = ("/exit", "/quit")
+CHAT_HELP = "Commands: /reset starts the conversation over, /exit or /quit (or Ctrl-D) ends it, /help shows this."
 
 
 TOKENIZER_HELP = (
@@ -27,7 +36,7 @@ def _load(model: Path | None, adapter: Path | None, tokenizer: str | None, confi
         raise ValueError("no model: pass --model DIR (or --config-small for a random smoke-test model)")
     if not config_small:
         return load(model, adapter, tokenizer)
-    loaded, tok = load_for_inference(None, adapter, config_small=True), open_tokenizer(tokenizer)
+    loaded, tok = load_for_inference(None, adapter, config_small=True), load_tokenizer(None, tokenizer)
     check_tokenizer_fits(loaded, tok)
     return loaded, tok
 
@@ -81,9 +90,10 @@ def run(
 ) -> None:
     """Generate text with a Bit-Axon model.
 
-    The prompt is wrapped in the Qwen2.5 chat template as a user turn with the assistant header
-    after it (``--raw`` sends it as-is). Generation stops at <|im_end|>, <|endoftext|> or
-    --max-tokens. Prompt and generation speed go to stderr.
+    The prompt is rendered with the tokenizer's chat template (the model's own, else ChatML) as a
+    user turn followed by the generation prompt (``--raw`` sends it as-is). Generation stops at the
+    tokenizer's end-of-turn or end-of-document token or after --max-tokens. Prompt and generation
+    speed go to stderr.
     """
     console = Console(stderr=True)
     try:
@@ -103,21 +113,26 @@ def run(
         if chat:
             _chat(ChatSession(loaded, tok, system=system), prompt, seed, sampling, not no_stream, console)
             return
-        if raw:
-            ids = tok.encode(text)
-        else:
-            messages = [{"role": "system", "content": system}] if system is not None else []
-            ids = tok.apply_chat_template([*messages, {"role": "user", "content": text}], add_generation_prompt=True)
+        ids = prompt_ids(tok, text, system, raw)
         _show(stream_generate(loaded, tok, ids, seed=seed, **sampling), not no_stream, console)
     except KeyboardInterrupt:
         typer.echo()
         raise typer.Exit(130) from None
 
 
+def prompt_ids(tok: BaseTokenizer, text: str, system: str | None = None, raw: bool = False) -> list[int]:
+    """The token ids ``run`` generates from: ``text`` as-is when ``raw``, else a user turn (after the
+    ``system`` message, if any) rendered with the tokenizer's chat template and its generation prompt."""
+    if raw:
+        return tok.encode(text)
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return tok.apply_chat_template([*messages, {"role": "user", "content": text}], add_generation_prompt=True)
+
+
 def _chat(session: ChatSession, first: str | None, seed: int | None, sampling: dict, stream: bool, console: Console):
     interactive = sys.stdin.isatty()
     if interactive:
-        console.print("Chat: /exit or Ctrl-D ends, /reset starts over.", style="dim")
+        console.print("Chat: /exit or Ctrl-D ends, /reset starts over, /help lists the commands.", style="dim")
     turn = 0
     while True:
         if first is not None:
@@ -133,6 +148,10 @@ def _chat(session: ChatSession, first: str | None, seed: int | None, sampling: d
             break
         if message.strip() == "/reset":
             session.reset()
+            console.print("Started over: the conversation is cleared.", style="dim", highlight=False)
+            continue
+        if message.strip() == "/help":
+            console.print(CHAT_HELP, style="dim", highlight=False)
             continue
         if not message.strip():
             continue

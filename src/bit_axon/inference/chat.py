@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 from bit_axon.inference.generate import Cache, GenerationChunk, stream_generate
-from bit_axon.tokenizer import IM_END, QwenTokenizerWrapper, render_chatml
+from bit_axon.tokenizer import BaseTokenizer
 
 import mlx.nn as nn
 
+logger = logging.getLogger(__name__)
+
 
 class ChatSession:
-    """A ChatML conversation with the model.
+    """A conversation with the model, in its tokenizer's chat template.
 
-    The caches hold exactly ``self.tokens``: the rendered conversation so far, with each reply as the
-    tokens the model actually generated (re-encoding the reply text could tokenize it differently).
-    A reply cut off by ``max_tokens`` is closed with ``<|im_end|>`` before the next user turn.
+    The caches hold exactly ``self.tokens``: the conversation fed so far, each reply as the tokens
+    the model actually generated (its stop token included). Each turn renders the whole conversation
+    with the template and feeds only what follows ``self.tokens``: the rest of the rendering's
+    tokens when they start with ``self.tokens``; else, when the text of ``self.tokens`` starts the
+    rendering (a reply whose text re-encodes to other tokens), the tokens of the rest of the text.
+    Either way a reply cut off by ``max_tokens`` gets its end-of-turn token from the template. When
+    neither holds (a template that rewrites earlier turns, a reply that stopped on an end-of-document
+    token), the caches are reset and the whole rendering is read again, logged once per session.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: QwenTokenizerWrapper, system: str | None = None):
+    def __init__(self, model: nn.Module, tokenizer: BaseTokenizer, system: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
+        self._logged_reread = False
         self.reset()
 
     def reset(self) -> None:
@@ -32,8 +41,26 @@ class ChatSession:
             self.messages.append({"role": "system", "content": self.system})
         self.tokens: list[int] = []
         self._cache: Cache = self.model.make_cache()
-        # Tokens that close the previous reply; they go in front of the next user turn.
-        self._closing: list[int] = []
+
+    def _new_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The tokens to feed for ``messages`` and the generation prompt (see the class)."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer.encode(text)
+        cached = len(self.tokens)
+        if ids[:cached] == self.tokens:
+            return ids[cached:]
+        fed = self.tokenizer.decode(self.tokens)
+        if text.startswith(fed):
+            return self.tokenizer.encode(text[len(fed) :])
+        if not self._logged_reread:
+            logger.warning(
+                "The chat template renders this conversation's earlier turns differently from the tokens "
+                "in the cache; reading the whole conversation again (further occurrences not logged)"
+            )
+            self._logged_reread = True
+        self.tokens = []
+        self._cache = self.model.make_cache()
+        return ids
 
     def send(self, message: str, **generation: Any) -> Iterator[GenerationChunk]:
         """Stream the reply to the user ``message``; ``generation`` goes to ``stream_generate``.
@@ -42,10 +69,7 @@ class ChatSession:
         as the reply streams.
         """
         user = {"role": "user", "content": message}
-        if self.tokens:
-            new_ids = self._closing + self.tokenizer.encode(render_chatml([user], add_generation_prompt=True))
-        else:
-            new_ids = self.tokenizer.encode(render_chatml([*self.messages, user], add_generation_prompt=True))
+        new_ids = self._new_tokens([*self.messages, user])
         self.messages.append(user)
         self.tokens += new_ids
         reply: list[str] = []
@@ -56,7 +80,5 @@ class ChatSession:
                 self.tokens.append(chunk.token)
             if chunk.finish_reason is not None:
                 # Update before handing out the last chunk: a consumer may stop right after it.
-                ended = chunk.token == self.tokenizer.eos_token_id
-                self._closing = self.tokenizer.encode("\n" if ended else f"{IM_END}\n")
                 self.messages.append({"role": "assistant", "content": "".join(reply)})
             yield chunk

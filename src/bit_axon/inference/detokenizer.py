@@ -1,6 +1,6 @@
 """Incremental detokenization that never splits a multi-byte UTF-8 character.
 
-Qwen2.5's byte-level BPE can cut a character (a CJK ideograph, an emoji) across tokens; decoding
+Byte-level BPE (Qwen2.5's, SmolLM2's) can cut a character (a CJK ideograph, an emoji) across tokens; decoding
 such a prefix ends in U+FFFD, the replacement character. The detokenizer holds those tokens back
 until the character is complete. Once the pending tokens decode to text that does not end in
 U+FFFD they end on a character boundary, so later tokens cannot change that text: it is emitted and

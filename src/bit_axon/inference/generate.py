@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from bit_axon.cache import KVCache, SSMCache
 from bit_axon.inference.detokenizer import StreamingDetokenizer
 from bit_axon.inference.sampling import Sampler
-from bit_axon.tokenizer import QwenTokenizerWrapper
+from bit_axon.tokenizer import BaseTokenizer
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -91,6 +91,10 @@ def generate_step(
         mx.eval(queued)
 
 
+def _per_second(count: int, seconds: float) -> float:
+    return count / seconds if count > 0 and seconds > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class GenerationStats:
     prompt_tokens: int
@@ -100,13 +104,12 @@ class GenerationStats:
 
     @property
     def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+        return _per_second(self.prompt_tokens, self.prompt_seconds)
 
     @property
     def generation_tps(self) -> float:
         """Decode steps per second (the first token comes from the prefill pass)."""
-        steps = self.generation_tokens - 1
-        return steps / self.generation_seconds if steps > 0 and self.generation_seconds > 0 else 0.0
+        return _per_second(self.generation_tokens - 1, self.generation_seconds)
 
     def summary(self) -> str:
         return (
@@ -138,14 +141,9 @@ class GenerationResult:
     stats: GenerationStats | None = None
 
 
-def default_stop_ids(tokenizer: QwenTokenizerWrapper) -> tuple[int, ...]:
-    """``<|im_end|>`` (end of a chat turn) and ``<|endoftext|>`` (end of a document)."""
-    return (tokenizer.eos_token_id, tokenizer.pad_token_id)
-
-
 def stream_generate(
     model: nn.Module,
-    tokenizer: QwenTokenizerWrapper,
+    tokenizer: BaseTokenizer,
     prompt: str | Sequence[int],
     max_tokens: int = 256,
     temperature: float = 0.0,
@@ -158,11 +156,12 @@ def stream_generate(
 ) -> Iterator[GenerationChunk]:
     """Generate from ``prompt`` (text, sent as-is with no chat template, or token ids), streaming text.
 
-    Stops at the first of ``stop_ids`` (default: ``<|im_end|>`` and ``<|endoftext|>``) or after
-    ``max_tokens`` tokens. Sampling is greedy at ``temperature=0``; see :class:`Sampler`.
+    Stops at the first of ``stop_ids`` (default: ``tokenizer.stop_token_ids``, the ends of a turn and
+    of a document, ``<|im_end|>`` and ``<|endoftext|>`` in ChatML) or after ``max_tokens`` tokens.
+    Sampling is greedy at ``temperature=0``; see :class:`Sampler`.
     """
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    stops = frozenset(default_stop_ids(tokenizer) if stop_ids is None else stop_ids)
+    stops = frozenset(tokenizer.stop_token_ids if stop_ids is None else stop_ids)
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     detokenizer = StreamingDetokenizer(tokenizer)
     tokens = generate_step(
@@ -210,19 +209,8 @@ def collect(chunks: Iterable[GenerationChunk]) -> GenerationResult:
 
 
 def generate(
-    model: nn.Module,
-    tokenizer: QwenTokenizerWrapper,
-    prompt: str | Sequence[int],
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop_ids: Iterable[int] | None = None,
+    model: nn.Module, tokenizer: BaseTokenizer, prompt: str | Sequence[int], max_tokens: int = 256, **options: Any
 ) -> str:
-    """The generated text (see ``stream_generate``); ``collect(stream_generate(...))`` adds tokens and stats."""
-    stream = stream_generate(
-        model, tokenizer, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        stop_ids=stop_ids,
-    )
-    return collect(stream).text
+    """The generated text of ``stream_generate`` with the same arguments (``temperature``, ``top_k``,
+    ``top_p``, ``seed``, ``stop_ids``, ...); ``collect(stream_generate(...))`` adds tokens and stats."""
+    return collect(stream_generate(model, tokenizer, prompt, max_tokens, **options)).text

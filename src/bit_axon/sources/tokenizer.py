@@ -1,8 +1,8 @@
 """A model's own tokenizer and chat template: from GGUF metadata or a Hugging Face directory.
 
-Same interface as ``bit_axon.tokenizer.QwenTokenizerWrapper``, rendering the model's Jinja chat
-template like transformers does, plus ``chat_pieces``: the rendering cut into target (assistant
-content and its end-of-turn token) and non-target text, for assistant-only loss masks.
+The interface of ``bit_axon.tokenizer.BaseTokenizer``, rendering the model's Jinja chat template
+like transformers does; ``chat_pieces`` cuts that rendering into target (assistant content and its
+end-of-turn token) and non-target text, for assistant-only loss masks.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bit_axon.tokenizer import IM_END
+from bit_axon.tokenizer import ENDOFTEXT, IM_END, BaseTokenizer
 
 import mlx.core as mx
 from jinja2.exceptions import TemplateError
@@ -48,6 +48,9 @@ def _int(metadata: Mapping[str, Any], key: str) -> int | None:
     return None if value is None else int(value.item() if isinstance(value, mx.array) else value)
 
 
+_GGUF_SPECIALS = {"bos_token": "bos", "eos_token": "eos", "pad_token": "padding", "unk_token": "unknown"}
+
+
 def gguf_tokenizer(metadata: Mapping[str, Any]) -> tuple[Tokenizer, dict]:
     """The BPE tokenizer and its special tokens from a GGUF file's ``tokenizer.*`` metadata."""
     kind = metadata.get("tokenizer.ggml.model")
@@ -68,7 +71,7 @@ def gguf_tokenizer(metadata: Mapping[str, Any]) -> tuple[Tokenizer, dict]:
         token_id = _int(metadata, f"tokenizer.ggml.{key}_token_id")
         return None if token_id is None else tokens[token_id]
 
-    specials = {"bos_token": token("bos"), "eos_token": token("eos"), "pad_token": token("padding")}
+    specials = {key: token(name) for key, name in _GGUF_SPECIALS.items()}
     specials["chat_template"] = metadata.get("tokenizer.chat_template")
     return tokenizer, specials
 
@@ -82,7 +85,7 @@ def hf_tokenizer(directory: Path) -> tuple[Tokenizer, dict]:
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     config_file = directory / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    specials = {key: _token_text(config.get(key)) for key in ("bos_token", "eos_token", "pad_token")}
+    specials = {key: _token_text(config.get(key)) for key in _GGUF_SPECIALS}
     template = config.get("chat_template")
     template_file = directory / "chat_template.jinja"
     if template is None and template_file.is_file():
@@ -101,25 +104,46 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-class ChatTokenizer:
-    """A model's tokenizer with its chat template (interface of ``QwenTokenizerWrapper``)."""
+class ChatTokenizer(BaseTokenizer):
+    """A model's tokenizer with its chat template (the interface of ``BaseTokenizer``)."""
 
     def __init__(self, tokenizer: Tokenizer, specials: Mapping[str, Any], source: str = "tokenizer"):
         self.source = source
         self.tokenizer = tokenizer
-        self.bos_token = specials.get("bos_token") or ""
+        self.bos_token = specials.get("bos_token") or None
         self.eos_token = specials.get("eos_token")
         template = specials.get("chat_template")
         if not template:
             raise ValueError(f"{source}: no chat template (tokenizer.chat_template / tokenizer_config.json)")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+        self.chat_template = template
         self.template = env.from_string(template)
         # The end of an assistant turn: ChatML closes every turn with <|im_end|>, whatever the eos.
         self.end_of_turn = IM_END if IM_END in template and self._id(IM_END) is not None else self.eos_token
         self.eos_token_id = self._required_id(self.end_of_turn, "end-of-turn")
+        self.pad_token = self._pad_token(specials)
+        self.pad_token_id = self._required_id(self.pad_token, "padding")
+        # The end of a turn, then the ends of a document: the source's eos and <|endoftext|>.
+        stops = [self.eos_token_id, self._id(self.eos_token), self._id(ENDOFTEXT)]
+        self.stop_token_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
+
+    def _pad_token(self, specials: Mapping[str, Any]) -> str:
+        """The source's pad token, unless it is the end-of-turn token (GGUF files often say pad = eos),
+        which training appends and counts as a real token: then the vocabulary's end-of-document
+        token, else bos, else unk."""
         pad = specials.get("pad_token") or self.eos_token
-        self.pad_token_id = self._required_id(pad, "padding")
+        if self._id(pad) != self.eos_token_id:
+            return pad
+        for candidate in (ENDOFTEXT, specials.get("bos_token"), specials.get("unk_token")):
+            if self._id(candidate) not in (None, self.eos_token_id):
+                logger.info("%s: the pad token %r also ends a turn; padding with %r instead", self.source, pad, candidate)
+                return candidate
+        logger.warning(
+            "%s: no token to pad with other than the end-of-turn token %r; training would not count the "
+            "end-of-turn tokens as real tokens", self.source, pad,
+        )
+        return pad
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any], source: str = "GGUF file") -> ChatTokenizer:
@@ -143,37 +167,14 @@ class ChatTokenizer:
             raise ValueError(f"{self.source}: the {what} token {token!r} is not in the vocabulary")
         return token_id
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special-token strings in it map to their ids, nothing is added."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
     def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
         """The chat template's text for ``messages``, rendered with transformers' variables."""
         return self.template.render(
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
+            bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, str]],
-        add_generation_prompt: bool = False,
-        tokenize: bool = True,
-    ) -> list[int] | str:
-        text = self.render(messages, add_generation_prompt)
-        return self.encode(text) if tokenize else text
 
     def chat_pieces(self, messages: Sequence[Mapping[str, str]]) -> list[tuple[str, bool]]:
         """The rendering of ``messages`` as ``(text, is_target)`` pieces, in order.

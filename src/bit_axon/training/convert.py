@@ -17,7 +17,7 @@ from bit_axon.training.data import ROLES
 Shape = Literal["messages", "sharegpt", "alpaca", "orpo"]
 SHAPES: tuple[str, ...] = ("messages", "sharegpt", "alpaca", "orpo")
 
-# ShareGPT speaker names seen in the wild, mapped to ChatML roles.
+# ShareGPT speaker names seen in the wild, mapped to chat roles.
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",

@@ -7,20 +7,21 @@ Over-long examples are cut there, the only place they are cut, and counted in a 
 EOS after it), a preference pair's sequences to ``max_seq_len`` (ORPO does not pack). A dataset
 exposes its tokenizer's ``eos_token_id`` and ``pad_token_id``, which the trainers pack and pad with.
 
-An SFT item is ``(token_ids, loss_mask)``: ``loss_mask[t] == 1`` means token ``t`` is a
-training target. It is 1 exactly on assistant content and the ``<|im_end|>`` that closes it, so
-the model learns what to say and when to stop, never the prompt, the role header or the newline
-between turns.
+Records are rendered with the tokenizer's own chat template and special tokens (its
+``chat_pieces``). An SFT item is ``(token_ids, loss_mask)``: ``loss_mask[t] == 1`` means token ``t``
+is a training target. It is 1 exactly on assistant content and the end-of-turn token that closes it
+(``<|im_end|>`` in ChatML), so the model learns what to say and when to stop, never the prompt, a
+default system prompt, the role headers or the separators between turns.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bit_axon.tokenizer import IM_END, IM_START, QwenTokenizerWrapper
+from bit_axon.tokenizer import BaseTokenizer
 from bit_axon.training.packing import check_max_seq_len
 from bit_axon.training.records import (
     FORMATS,
@@ -42,9 +43,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [  # the record readers are re-exported: this stays the one import for dataset code
     "FORMATS", "ROLES", "AlpacaDataset", "CacheDataset", "DatasetError", "DatasetFormat", "ORPODataset",
-    "PreferencePair", "Record", "SFTDataset", "alpaca_messages", "chat_pieces", "detect_format",
-    "generation_header", "iter_records", "load_dataset_file", "orpo_parts", "read_records", "sft_messages",
-    "tokenize_pieces",
+    "PreferencePair", "Record", "SFTDataset", "alpaca_messages", "detect_format", "iter_records",
+    "load_dataset_file", "orpo_parts", "read_records", "response_pieces", "sft_messages", "tokenize_pieces",
 ]
 
 # A piece of a rendered conversation and whether its tokens are training targets.
@@ -61,20 +61,22 @@ class PreferencePair(NamedTuple):
 # --- tokenization ----------------------------------------------------------------------------
 
 
-def chat_pieces(messages: Sequence[Mapping[str, str]], train_roles: Sequence[str] = ("assistant",)) -> list[Piece]:
-    """ChatML pieces of ``messages``; content and closing ``<|im_end|>`` of ``train_roles`` are targets."""
-    pieces: list[Piece] = []
-    for m in messages:
-        train = m["role"] in train_roles
-        pieces += [(f"{IM_START}{m['role']}\n", False), (m["content"], train), (IM_END, train), ("\n", False)]
-    return pieces
+def response_pieces(pieces: Sequence[Piece]) -> list[Piece]:
+    """The pieces of a conversation ending in one response, with only that response as the target.
+
+    The response is the last run of target pieces (its content and end-of-turn token); earlier
+    assistant turns become prompt, and what the template puts after the end-of-turn token is dropped.
+    """
+    pieces = list(pieces)
+    while pieces and not pieces[-1][1]:
+        pieces.pop()
+    start = len(pieces)
+    while start and pieces[start - 1][1]:
+        start -= 1
+    return [(text, False) for text, _ in pieces[:start]] + pieces[start:]
 
 
-def generation_header() -> Piece:
-    return (f"{IM_START}assistant\n", False)
-
-
-def tokenize_pieces(tokenizer: QwenTokenizerWrapper, examples: Sequence[Sequence[Piece]]) -> list[tuple[list[int], list[int]]]:
+def tokenize_pieces(tokenizer: BaseTokenizer, examples: Sequence[Sequence[Piece]]) -> list[tuple[list[int], list[int]]]:
     """``(token_ids, loss_mask)`` for each example given as pieces.
 
     Pieces are tokenized separately so a mask boundary can never fall inside a token. With ChatML
@@ -134,7 +136,7 @@ def _warn_truncated(path: Path, cut: Sequence[int], records: Sequence[Record], l
 class _TokenizedDataset:
     """What every dataset built from a file and a tokenizer records: where, how long, which special ids."""
 
-    def __init__(self, path: str | Path, tokenizer: QwenTokenizerWrapper, max_seq_len: int):
+    def __init__(self, path: str | Path, tokenizer: BaseTokenizer, max_seq_len: int):
         check_max_seq_len(max_seq_len)
         self.path = Path(path)
         self.max_seq_len = max_seq_len
@@ -148,10 +150,10 @@ class _TokenizedDataset:
 class _ChatDataset(_TokenizedDataset):
     """Chat examples from a file, each item ``(token_ids, loss_mask)``; subclasses read records."""
 
-    def __init__(self, path: str | Path, tokenizer: QwenTokenizerWrapper, max_seq_len: int = 2048):
+    def __init__(self, path: str | Path, tokenizer: BaseTokenizer, max_seq_len: int = 2048):
         super().__init__(path, tokenizer, max_seq_len)
         records = read_records(self.path)
-        examples = tokenize_pieces(tokenizer, [chat_pieces(self._messages(r)) for r in records])
+        examples = tokenize_pieces(tokenizer, [tokenizer.chat_pieces(self._messages(r)) for r in records])
         # Room for the EOS that packing appends, so packing never cuts again.
         cut = _truncate(examples, max_seq_len - 1)
         _warn_truncated(self.path, cut, records, max_seq_len - 1, "max_seq_len - 1, room for the packing EOS")
@@ -187,19 +189,20 @@ class AlpacaDataset(_ChatDataset):
 class ORPODataset(_TokenizedDataset):
     """Preference pairs ``{"prompt", "chosen", "rejected"}``, each a string or a message list.
 
-    Both sequences share the chat-templated prompt ending in the ``<|im_start|>assistant\\n``
-    generation header, then hold the response and its ``<|im_end|>``, which alone are masked 1.
+    Each sequence is the prompt and one response rendered through the chat template: both share the
+    templated prompt up to the generation header (``<|im_start|>assistant\\n`` in ChatML), then hold
+    the response and its end-of-turn token, which alone are masked 1.
     """
 
-    def __init__(self, path: str | Path, tokenizer: QwenTokenizerWrapper, max_seq_len: int = 2048):
+    def __init__(self, path: str | Path, tokenizer: BaseTokenizer, max_seq_len: int = 2048):
         super().__init__(path, tokenizer, max_seq_len)
         records = read_records(self.path)
         chosen_pieces, rejected_pieces = [], []
         for record in records:
             prompt, chosen, rejected = orpo_parts(record)
-            prefix = [*chat_pieces(prompt, train_roles=()), generation_header()]
-            chosen_pieces.append([*prefix, (chosen, True), (IM_END, True)])
-            rejected_pieces.append([*prefix, (rejected, True), (IM_END, True)])
+            for response, pieces in ((chosen, chosen_pieces), (rejected, rejected_pieces)):
+                conversation = [*prompt, {"role": "assistant", "content": response}]
+                pieces.append(response_pieces(tokenizer.chat_pieces(conversation)))
         chosen = tokenize_pieces(tokenizer, chosen_pieces)
         rejected = tokenize_pieces(tokenizer, rejected_pieces)
         cut = sorted(set(_truncate(chosen, max_seq_len)) | set(_truncate(rejected, max_seq_len)))
@@ -259,7 +262,7 @@ _DATASETS = {"messages": SFTDataset, "alpaca": AlpacaDataset, "orpo": ORPODatase
 
 def load_dataset_file(
     path: str | Path,
-    tokenizer: QwenTokenizerWrapper,
+    tokenizer: BaseTokenizer,
     max_seq_len: int = 2048,
     format: DatasetFormat | None = None,
 ) -> SFTDataset | AlpacaDataset | ORPODataset:
