@@ -82,7 +82,7 @@ def write_small_chatml_tokenizer(path):
 
 
 def test_load_gives_the_model_with_its_adapter_and_the_directory_tokenizer(tmp_path):
-    from bit_axon.loading import load
+    from bit_axon.inference import load
     from bit_axon.training.checkpoint import save_adapter_only
     from bit_axon.training.lora import adapter_layers, apply_lora_to_model
 
@@ -103,7 +103,7 @@ def test_load_gives_the_model_with_its_adapter_and_the_directory_tokenizer(tmp_p
 
 
 def test_load_defaults_to_the_bundled_tokenizer_and_checks_that_it_fits(tmp_path, qwen_tokenizer):
-    from bit_axon.loading import load
+    from bit_axon.inference import load
 
     save_model(tiny_model(), tmp_path)  # a 512-token vocabulary, too small for Qwen2.5's ids
     with pytest.raises(ValueError, match=f"the tokenizer has {qwen_tokenizer.vocab_size} tokens but the model's "

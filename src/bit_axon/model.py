@@ -72,6 +72,15 @@ class BitAxonModel(nn.Module):
         self.recompute = enabled
 
     @property
+    def quantization(self) -> dict | None:
+        """The base weights' quantization ``{"mode", "bits", "group_size"}`` (None: float), as in config.json."""
+        return self.config.quantization
+
+    def record_quantization(self, spec: dict | None) -> None:
+        """Record how the base weights are quantized (``quantize_model``/``dequantize_model`` call this)."""
+        self.config.quantization = spec
+
+    @property
     def output_head(self) -> nn.Module:
         """The layer that maps hidden states to logits: the embedding (applied with ``as_linear``)
         when the weights are tied, else ``lm_head``."""

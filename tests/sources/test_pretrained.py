@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import bit_axon  # noqa: F401  (BLAS before mlx)
+from bit_axon.quantization import adopt_quantized
 from bit_axon.sources import build_pretrained, load_hf_directory, pretrained_class
 from sources.tiny_lm import tiny_config, tiny_mlx_lm_model
 
@@ -129,6 +130,7 @@ def quantized_reference(config: dict) -> nn.Module:
         return hasattr(module, "to_quantized")
 
     nn.quantize(reference, group_size=32, bits=4, class_predicate=predicate)
+    adopt_quantized(reference)  # loaded models take the CPU fast path (test_adopt_quantized: allclose to MLX's)
     mx.eval(reference.parameters())
     return reference
 

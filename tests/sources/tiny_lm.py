@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 from pathlib import Path
 
 import bit_axon  # noqa: F401  (BLAS before mlx)
@@ -108,3 +109,24 @@ def write_gguf(path: Path, config: dict, model: nn.Module | None = None, tensors
         tensors = gguf_tensors(model if model is not None else tiny_mlx_lm_model(config), config)
     mx.save_gguf(str(path), tensors, metadata if metadata is not None else gguf_metadata(config))
     return path
+
+
+# base_quantization of a directory from hf_directory(quantized=True).
+MIXED = {"group_size": 32, "bits": 4, "mode": "affine", "model.embed_tokens": {"group_size": 32, "bits": 8, "mode": "affine"}}
+
+
+def hf_directory(path: Path, quantized: bool, model_type: str = "llama"):
+    """A tiny mlx-lm directory (float, or MLX-quantized like the SmolLM2 GGUF: 8-bit embedding, 4-bit
+    elsewhere, group 32) and the mlx-lm reference model with MLX's own layers."""
+    config = tiny_config(model_type, tie_word_embeddings=True)
+    reference = tiny_mlx_lm_model(config)
+    if quantized:
+        def predicate(p, m):
+            return {"group_size": 32, "bits": 8} if p == "model.embed_tokens" else hasattr(m, "to_quantized")
+
+        nn.quantize(reference, group_size=32, bits=4, class_predicate=predicate)
+        config["quantization"] = {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(reference.parameters())))
+    return path, reference

@@ -73,8 +73,8 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
     model, optimizer = _model_and_optimizer()
     save_checkpoint(model, optimizer, step=10, loss=1.0, output_dir=tmp_path)
 
-    def exploding_save(path, arrays, metadata=None):
-        with open(path, "wb") as f:
+    def exploding_save(file, arrays, metadata=None):  # a path, or the file object of an atomic write
+        with open(file, "wb") if isinstance(file, str) else file as f:
             f.write(b"half a file")
         raise KeyboardInterrupt  # Ctrl-C in the middle of writing the optimizer state
 

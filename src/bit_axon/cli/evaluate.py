@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bit_axon.cli.run import TOKENIZER_HELP
-from bit_axon.inference import evaluate_model
-from bit_axon.loading import load
+from bit_axon.inference import evaluate_model, load
 from bit_axon.training.data import load_dataset_file
 
 import typer
@@ -14,7 +13,7 @@ from rich.console import Console
 
 
 def evaluate(
-    model_path: Path = typer.Argument(..., help="Model directory (float or quantized)."),
+    model_path: Path = typer.Argument(..., help="Model: a Bit-Axon or Hugging Face directory, a .gguf file or a hub id."),
     data: Path = typer.Option(..., "--data", help="JSONL file: chat messages, Alpaca or ORPO preference pairs."),
     adapter: Path | None = typer.Option(None, "--adapter", help="LoRA/DoRA adapter file, applied without merging."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", "-t", help=TOKENIZER_HELP),

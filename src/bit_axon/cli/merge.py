@@ -14,7 +14,7 @@ DEFAULTS = parameter_defaults(load_and_merge)  # quantize_after_merge, bits, gro
 
 
 def merge(
-    base: Path = typer.Argument(..., help="Base model directory (config.json + *.safetensors)."),
+    base: Path = typer.Argument(..., help="Base model: a Bit-Axon or Hugging Face directory, a .gguf file or a hub id."),
     adapter: Path = typer.Option(..., "--adapter", help="Adapter file (*.safetensors) to merge."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the merged model to."),
     re_quantize: bool = typer.Option(

@@ -1,4 +1,4 @@
-"""``bit-axon quantize``: write a 4-bit (or 2-8 bit affine) copy of a model directory."""
+"""``bit-axon quantize``: write a 4-bit (or 2-8 bit affine) copy of a float model (any source)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bit_axon.cli.options import parameter_defaults
 from bit_axon.loading import load_model, save_model
-from bit_axon.quantization import AFFINE_BITS, GROUP_SIZES, QUANT_MODES, quantize_model
+from bit_axon.quantization import AFFINE_BITS, GROUP_SIZES, QUANT_MODES, base_quantization, quantize_model
 
 import typer
 from rich.console import Console
@@ -21,7 +21,7 @@ def _listed(values: tuple[int, ...]) -> str:
 
 
 def quantize(
-    model_path: Path = typer.Argument(..., help="Model directory (config.json + *.safetensors)."),
+    model_path: Path = typer.Argument(..., help="Float model: a Bit-Axon or Hugging Face directory, a .gguf file or a hub id."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the quantized model to."),
     bits: int = typer.Option(DEFAULTS["bits"], "--bits", "-b", help=f"Bits per weight (nf4: 4; affine: {_listed(AFFINE_BITS)})."),
     group_size: int = typer.Option(DEFAULTS["group_size"], "--group-size", "-g", help=f"Weights per scale ({_listed(GROUP_SIZES)})."),
@@ -34,10 +34,11 @@ def quantize(
     try:
         with console.status(f"Loading {model_path}"):
             model = load_model(model_path)
-        if model.config.quantization is not None:
-            q = model.config.quantization
+        q = base_quantization(model)
+        if q is not None:
+            mixed = ", mixed per layer" if len(q) > 3 else ""
             raise ValueError(
-                f"{model_path} is already quantized ({q['mode']}, {q['bits']}-bit, group {q['group_size']}); "
+                f"{model_path} is already quantized ({q['mode']}, {q['bits']}-bit, group {q['group_size']}{mixed}); "
                 "quantize the full-precision model instead"
             )
         with console.status(f"Quantizing ({mode.value}, {bits}-bit, group {group_size})"):

@@ -61,10 +61,11 @@ CONFIG_FLAGS = {
 
 
 def build_model(model_weights: Path | None, config_small: bool, config: TrainingConfig, seed: int, console: Console):
-    """Steps 1-5: the model, quantized to the configured bits/mode unless it already is, with adapters."""
+    """Steps 1-5: the model (any source ``bit_axon.loading`` reads), its float base quantized to the
+    configured bits/mode (an already quantized base, e.g. a Q4 GGUF file, is kept as it is), with adapters."""
     from bit_axon import BitAxonConfig, BitAxonModel
     from bit_axon.loading import load_model, save_model
-    from bit_axon.quantization import quantize_model
+    from bit_axon.quantization import base_quantization, quantize_model
     from bit_axon.training.lora import apply_adapters
 
     import mlx.core as mx
@@ -80,13 +81,14 @@ def build_model(model_weights: Path | None, config_small: bool, config: Training
             model = load_model(base_dir)
         elif mx.distributed.init().rank() == 0:
             save_model(model, base_dir)
+        model.source = str(base_dir)  # what the adapter file records as its base
     else:
         if model_weights is None:
             raise typer.BadParameter("--model-weights is required (or pass --config-small)", param_hint="--model-weights")
         with console.status(f"Loading {model_weights}"):
             model = load_model(model_weights)
     spec = config.quantization_spec()
-    if model.config.quantization is None and spec is not None:
+    if base_quantization(model) is None and spec is not None:
         with console.status(f"Quantizing base weights ({spec['mode']}, {spec['bits']}-bit)"):
             quantize_model(model, **spec)
     adapters = config.adapter_config()
@@ -94,6 +96,17 @@ def build_model(model_weights: Path | None, config_small: bool, config: Training
     mx.eval(model.parameters())
     console.print(f"{'DoRA' if adapters.use_dora else 'LoRA'} rank {adapters.rank} on {len(wrapped)} layers")
     return model
+
+
+def training_tokenizer(model_weights: Path | None, tokenizer: str):
+    """The tokenizer a run trains with: a pretrained model's own (GGUF metadata, tokenizer files)
+    unless ``--tokenizer`` names another than the default; for a Bit-Axon model, ``--tokenizer``."""
+    from bit_axon.loading import BIT_AXON, load_tokenizer, model_source
+    from bit_axon.tokenizer import QwenTokenizerWrapper
+
+    if model_weights is not None and tokenizer == DEFAULT_TOKENIZER and model_source(model_weights) != BIT_AXON:
+        return load_tokenizer(model_weights)
+    return QwenTokenizerWrapper(tokenizer)
 
 
 def run_training(
@@ -111,14 +124,14 @@ def run_training(
     model=None,
 ) -> dict[str, Any]:
     """Build everything the config describes and train; returns the trainer's result dict."""
-    from bit_axon.tokenizer import QwenTokenizerWrapper
+    from bit_axon.loading import check_tokenizer_fits
     from bit_axon.training.cooling import build_cooling_scheduler
     from bit_axon.training.data import load_dataset_file
     from bit_axon.training.orpo_trainer import ORPOTrainer
     from bit_axon.training.trainer import Trainer
 
     console = console or Console()
-    tok = QwenTokenizerWrapper(tokenizer)
+    tok = training_tokenizer(None if config_small else model_weights, tokenizer)
     dataset = load_dataset_file(data, tok, config.max_seq_len, format=data_format)
     val_dataset = load_dataset_file(val_data, tok, config.max_seq_len, format=data_format) if val_data else None
     is_preference = isinstance(dataset, ORPODataset)
@@ -129,6 +142,7 @@ def run_training(
         )
     if model is None:
         model = build_model(model_weights, config_small, config, config.seed, console)
+    check_tokenizer_fits(model, tok)
     cooling = build_cooling_scheduler(thermal, config.thermal_policy())
     trainer_cls = ORPOTrainer if config.training_mode == "orpo" else Trainer
     # The packing separator and padding are the tokenizer's, carried by the dataset.
@@ -147,7 +161,7 @@ def print_summary(result: dict[str, Any], console: Console) -> None:
     table = Table(title="Training summary", show_header=False)
     keys = [
         "step", "loss", "val_loss", "val_perplexity", "grad_norm", "chosen_reward", "rejected_reward",
-        "reward_margin", "reward_accuracy", "tokens_per_sec", "peak_memory_gb", "nonfinite_steps",
+        "reward_margin", "reward_accuracy", "tokens_per_sec", "peak_memory_gb", "nonfinite_steps", "empty_steps",
         "total_pause_time", "total_cooldown_time", "elapsed_sec", "adapter_path",
     ]
     for key in keys:
@@ -161,7 +175,9 @@ def print_summary(result: dict[str, Any], console: Console) -> None:
 def train(
     ctx: typer.Context,
     data: Path = typer.Argument(..., help="Training data: JSONL (or JSON list) of chat messages, Alpaca or preference pairs."),
-    model_weights: Path | None = typer.Option(None, "--model-weights", "-w", help="Path to model weights directory."),
+    model_weights: Path | None = typer.Option(
+        None, "--model-weights", "-w", help="Model: a Bit-Axon or Hugging Face directory, a .gguf file or a hub id."
+    ),
     tokenizer: str = typer.Option(DEFAULT_TOKENIZER, "--tokenizer", "-t", help="Tokenizer identifier or path."),
     val_data: Path | None = typer.Option(None, "--val-data", help="Validation JSONL file."),
     data_format: DataFormat | None = typer.Option(None, "--format", help="Data format (detected from the file by default)."),
@@ -171,9 +187,9 @@ def train(
     **settings: Any,
 ) -> None:
     """Fine-tune with 4-bit frozen base weights and LoRA/DoRA adapters (SFT or ORPO)."""
+    from bit_axon.training.callbacks import TrainingError  # non-finite losses, no targets, a failed save
     from bit_axon.training.cooling import ThermalShutdownError
     from bit_axon.training.data import DatasetError, detect_format
-    from bit_axon.training.trainer import NonFiniteLossError
 
     import mlx.core as mx
 
@@ -198,7 +214,7 @@ def train(
         console.print(f"[red]Thermal stop: {err}[/red]\nThe last checkpoint in {output_dir} is intact; "
                       "let the machine cool, then rerun with --resume.")
         raise typer.Exit(2) from None
-    except (FileNotFoundError, ValueError, DatasetError, NonFiniteLossError) as err:
+    except (FileNotFoundError, ValueError, DatasetError, TrainingError) as err:
         typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(1) from None
     print_summary(result, console)

@@ -12,7 +12,7 @@ from bit_axon.inference.generate import (
     generate_step,
     stream_generate,
 )
-from bit_axon.inference.loader import load_for_inference
+from bit_axon.inference.loader import load, load_for_inference
 from bit_axon.inference.sampling import Sampler, top_k_filter, top_p_filter
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "evaluate_model",
     "generate",
     "generate_step",
+    "load",
     "load_for_inference",
     "stream_generate",
     "top_k_filter",

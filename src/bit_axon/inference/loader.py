@@ -1,6 +1,9 @@
-"""``load_for_inference``: a model (any source ``bit_axon.loading`` reads), optionally with an adapter.
+"""Models ready for inference: ``load(path) -> (model, tokenizer)`` with an adapter on top, and
+``load_for_inference`` (the model half, plus a random small model for smoke tests).
 
-The model half of ``bit_axon.loading.load``, plus a random small model for smoke tests.
+The model comes from ``bit_axon.loading`` (any source it knows); the adapter file is applied on top
+(not merged, see ``bit_axon.training.checkpoint.load_adapter``); the tokenizer is the model's own
+unless one is given.
 """
 
 from __future__ import annotations
@@ -8,13 +11,55 @@ from __future__ import annotations
 from pathlib import Path
 
 from bit_axon.config import BitAxonConfig
-from bit_axon.loading import default_dtype, open_model, ready_for_inference
+from bit_axon.loading import check_tokenizer_fits, load_model, load_tokenizer
 from bit_axon.model import BitAxonModel
+from bit_axon.training.checkpoint import load_adapter
 
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["default_dtype", "load_for_inference"]
+__all__ = ["default_dtype", "load", "load_for_inference", "open_model", "ready_for_inference"]
+
+
+def default_dtype() -> mx.Dtype | None:
+    """float32 on the CPU (MLX's CPU backend sends only float32 matmuls through BLAS), else as stored."""
+    return mx.float32 if mx.default_device() == mx.cpu else None
+
+
+def ready_for_inference(model: nn.Module, adapter_path: str | Path | None = None) -> nn.Module:
+    """``model`` with the adapter file ``adapter_path`` applied on top (not merged), in eval mode, evaluated."""
+    if adapter_path is not None:
+        load_adapter(model, adapter_path)
+    model.eval()  # adapter dropout off
+    mx.eval(model.parameters())
+    return model
+
+
+def open_model(path: str | Path, adapter_path: str | Path | None = None, dtype: mx.Dtype | None = None) -> nn.Module:
+    """The model at ``path`` (any source ``bit_axon.loading.model_source`` knows) with the adapter on
+    top, ready for inference. ``dtype`` casts the stored floating-point weights; the default is
+    ``default_dtype()``."""
+    model = load_model(path, dtype if dtype is not None else default_dtype())
+    return ready_for_inference(model, adapter_path)
+
+
+def load(
+    path: str | Path,
+    adapter_path: str | Path | None = None,
+    tokenizer=None,
+    dtype: mx.Dtype | None = None,
+) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` for the model at ``path``, with the adapter file ``adapter_path`` on top.
+
+    ``tokenizer`` overrides the model's own (see ``bit_axon.loading.load_tokenizer``); ``dtype`` as
+    in ``open_model``. Raises ``FileNotFoundError`` for a missing model or adapter, ``ValueError``
+    when the adapter or the tokenizer does not fit the model (``TokenizerLoadError``, an
+    ``OSError``, for a bad tokenizer).
+    """
+    model = open_model(path, adapter_path, dtype)
+    tok = load_tokenizer(path, tokenizer)
+    check_tokenizer_fits(model, tok)
+    return model, tok
 
 
 def load_for_inference(
@@ -27,8 +72,8 @@ def load_for_inference(
 
     ``config_small`` builds a fresh ``BitAxonConfig.small()`` model with random weights instead
     (smoke tests; it generates noise). ``dtype`` casts the stored floating-point weights; the
-    default is ``default_dtype()``. Raises ``FileNotFoundError`` for a missing model directory or
-    adapter file and ``ValueError`` when the adapter does not fit the model.
+    default is ``default_dtype()``. Raises ``FileNotFoundError`` for a missing model or adapter file
+    and ``ValueError`` when the adapter does not fit the model.
     """
     if config_small == (model_path is not None):
         raise ValueError("pass either a model directory or config_small=True (not both)")

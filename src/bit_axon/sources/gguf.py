@@ -143,6 +143,12 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, mx.array], dict]:
     return config, weights, {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
 
 
+def read_gguf_tokenizer(path: str | Path) -> dict:
+    """The ``tokenizer.*`` metadata of a GGUF file (maybe empty)."""
+    _, metadata = _read(Path(path))
+    return {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
+
+
 def load_gguf(path: str | Path) -> tuple[nn.Module, dict]:
     """The model in a GGUF file (quantized tensors kept in their format) and its tokenizer metadata."""
     config, weights, tokenizer_data = read_gguf(path)

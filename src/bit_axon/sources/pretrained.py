@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Collection
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from bit_axon.quantization import adopt_quantized, layer_quantization, summarize_quantization
+from bit_axon.quantization.base import FORMATS, find_base
+
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache
 
 MAX_NAMES_IN_ERROR = 8
+# config.json key for the layers in formats of ours that mlx-lm does not know (NF4):
+# ``{layer path: {"mode", "bits", "group_size"}}``. mlx-lm's own ``quantization`` entry lists the rest.
+OWN_QUANTIZATION_KEY = "bit_axon_quantization"
+QUANTIZATION_KEYS = ("quantization", "quantization_config", OWN_QUANTIZATION_KEY)
 
 
 class PackedRowAttention:
@@ -79,6 +87,20 @@ def _recomputed_class(cls: type[nn.Module]) -> type[nn.Module]:
 
 class PretrainedLMMixin:
     """The Bit-Axon model interface on top of an mlx-lm ``Model`` (put first in the bases)."""
+
+    @property
+    def quantization(self) -> dict | None:
+        """The base weights' quantization, read from the layers (``base_quantization``'s layout)."""
+        return summarize_quantization(layer_quantization(self))
+
+    @property
+    def source_config(self) -> dict:
+        """The mlx-lm config dict the model was built from (without its quantization entries)."""
+        return dict(self.__dict__["_source_config"])
+
+    def remember_config(self, config: dict) -> None:
+        # Kept outside the module tree: nn.Module would store a dict attribute as a child.
+        self.__dict__["_source_config"] = {k: v for k, v in config.items() if k not in QUANTIZATION_KEYS}
 
     @property
     def output_head(self) -> nn.Module:
@@ -159,7 +181,7 @@ def check_head_split(model: nn.Module) -> None:
         )
 
 
-def infer_quantization(model: nn.Module, weights: dict[str, mx.array]) -> dict | None:
+def infer_quantization(model: nn.Module, weights: dict[str, mx.array], skip: Collection[str] = ()) -> dict | None:
     """mlx-lm's ``quantization`` config for the quantized layers among ``weights`` (per layer, read
     from their shapes by mlx-lm's ``infer_quant_config``); ``model`` must still be float."""
     from mlx_lm.utils import infer_quant_config
@@ -167,17 +189,22 @@ def infer_quantization(model: nn.Module, weights: dict[str, mx.array]) -> dict |
     per_layer = {
         path: infer_quant_config(path, module, weights)
         for path, module in model.named_modules()
-        if hasattr(module, "to_quantized") and f"{path}.scales" in weights
+        if hasattr(module, "to_quantized") and f"{path}.scales" in weights and path not in skip
     }
     if not per_layer:
         return None
     return {**next(iter(per_layer.values())), **per_layer}
 
 
-def quantize_like(model: nn.Module, quantization: dict, weights: dict[str, mx.array]) -> None:
-    """``nn.quantize`` as the config says: top-level defaults, per-layer dict entries overriding them."""
+def quantize_like(
+    model: nn.Module, quantization: dict, weights: dict[str, mx.array], skip: Collection[str] = ()
+) -> None:
+    """``nn.quantize`` as the config says: top-level defaults, per-layer dict entries overriding them
+    (the layers in ``skip`` are left alone)."""
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
+        if path in skip:
+            return False
         if path in quantization:
             return quantization[path]  # a dict of overrides, or False for a layer kept in float
         return hasattr(module, "to_quantized") and f"{path}.scales" in weights
@@ -189,6 +216,18 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict[str, mx.ar
         mode=quantization.get("mode", "affine"),
         class_predicate=predicate,
     )
+
+
+def quantize_own_formats(model: nn.Module, layers: dict[str, dict]) -> None:
+    """Give the layers in ``layers`` (``{path: {"mode", "bits", "group_size"}}``) our formats' structure."""
+    modules = dict(model.named_modules())
+    replacements = []
+    for path, spec in layers.items():
+        base = find_base(modules[path]) if path in modules else None
+        if base is None or base.quantized:
+            raise ValueError(f"{OWN_QUANTIZATION_KEY}: {path} is not a float base layer of the model")
+        replacements.append((path, FORMATS[spec["mode"]].quantize(modules[path], base.kind, spec["group_size"], spec["bits"])))
+    model.update_modules(tree_unflatten(replacements))
 
 
 def _names(keys: set[str]) -> str:
@@ -212,30 +251,48 @@ def build_pretrained(config: dict, weights: dict[str, mx.array], source: str = "
 
     ``config["quantization"]`` (mlx-lm's format: ``group_size``, ``bits``, ``mode`` and per-layer
     entries keyed by parameter path) is honoured; without one, quantized weights (``scales``) keep
-    the format their shapes tell. The weights must match the model exactly.
+    the format their shapes tell; layers in our own formats are listed under ``OWN_QUANTIZATION_KEY``.
+    The weights must match the model exactly.
     """
     arch = architecture_module(config)
     model = pretrained_class(arch)(arch.ModelArgs.from_dict(config))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
-    quantization = config.get("quantization") or infer_quantization(model, weights)
+    own = config.get(OWN_QUANTIZATION_KEY) or {}
+    quantization = config.get("quantization") or infer_quantization(model, weights, skip=own)
     if quantization is not None:
-        quantize_like(model, quantization, weights)
+        quantize_like(model, quantization, weights, skip=own)
+    if own:
+        quantize_own_formats(model, own)
     model.eval()
     load_weights_strict(model, weights, source)
     mx.eval(model.parameters())
+    return ready_pretrained(model, config)
+
+
+def ready_pretrained(model: nn.Module, config: dict) -> nn.Module:
+    """A freshly loaded pretrained model as the pipeline uses it: MLX's quantized layers on our CPU
+    fast path (``adopt_quantized``), its config kept for saving, its logits checked to be head(features)."""
+    adopt_quantized(model)
+    model.remember_config(config)
     check_head_split(model)
     return model
 
 
 def load_hf_directory(path: str | Path) -> tuple[nn.Module, dict]:
     """A Hugging Face-layout directory (config.json + model*.safetensors), float or MLX-quantized,
-    through mlx-lm's loader with the classes of :func:`pretrained_class`."""
-    from mlx_lm.utils import load_model
+    through mlx-lm's loader with the classes of :func:`pretrained_class` (a directory with layers in
+    our own formats, as ``save_pretrained`` writes NF4, through :func:`build_pretrained`)."""
+    from mlx_lm.utils import load_config, load_model
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory: no config.json")
+    config = load_config(path)
+    if OWN_QUANTIZATION_KEY in config:
+        weights: dict[str, mx.array] = {}
+        for file in sorted(path.glob("model*.safetensors")):
+            weights.update(mx.load(str(file)))
+        return build_pretrained(config, weights, source=str(path)), config
     model, config = load_model(path, get_model_classes=_model_classes)
-    check_head_split(model)
-    return model, config
+    return ready_pretrained(model, config), config

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bit_axon.io import atomic_save_safetensors
+from bit_axon.training.base_record import base_metadata, bind_to_base
 from bit_axon.training.lora import (
     ADAPTER_KINDS,
     AdapterConfig,
@@ -35,8 +36,10 @@ logger = logging.getLogger(__name__)
 # A file holds ``{layer path}.{name}`` for every adapted layer and each of its kind's
 # ``parameter_names`` (``lora_a``, ``lora_b``, and DoRA's ``m``), plus the safetensors metadata of
 # ``AdapterConfig.metadata()``: ``adapter_kind``, ``lora_rank``, ``lora_scale``, ``lora_dropout`` and
-# ``use_dora`` (strings), so loading rebuilds the same adapters without guessing. Files written before
-# ``adapter_kind`` was recorded still load: their kind is inferred from the tensors.
+# ``use_dora`` (strings), so loading rebuilds the same adapters without guessing, and the record of
+# the base it was trained on (``base_record``: source, quantization, fingerprint), so loading refuses
+# another base. Files written before ``adapter_kind`` was recorded still load: their kind is inferred
+# from the tensors.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -49,7 +52,8 @@ def save_adapter_only(model: nn.Module, path: str | Path) -> Path:
         for layer_path, layer in adapter_layers(model)
         for name in layer.parameter_names
     }
-    atomic_save_safetensors(path, weights, metadata={"format": "mlx", **config.metadata()})
+    metadata = {"format": "mlx", **config.metadata(), **base_metadata(model)}
+    atomic_save_safetensors(path, weights, metadata=metadata)
     return path
 
 
@@ -122,8 +126,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
     """Wrap ``model``'s target layers in adapters of the kind and settings stored in ``path``, then load them.
 
     ``model`` must not have adapters yet. The file may also hold non-adapter tensors (a full training
-    checkpoint); those are ignored. Returns the wrapped layer paths. Raises ``ValueError`` when the
-    file's adapted layers or shapes do not match the model, or its adapter kind is not registered.
+    checkpoint); those are ignored. When the file records its base (``base_record.bind_to_base``),
+    a float ``model`` is first quantized the way that base was, and a different base is refused.
+    Returns the wrapped layer paths. Raises ``ValueError`` when the file's base, adapted layers or
+    shapes do not match the model, or its adapter kind is not registered.
     """
     path = Path(path)
     adapters, metadata = _read_adapter_tensors(path)
@@ -139,6 +145,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
             f"{len(missing)} target layers have no adapter {missing[:3]}, "
             f"{len(unexpected)} adapters have no target layer {unexpected[:3]}"
         )
+    bind_to_base(model, path, metadata)
 
     wrapped = apply_adapters(model, config)
     expected = dict(tree_flatten(model.trainable_parameters()))
@@ -245,7 +252,10 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 def _rotate(output_dir: Path, keep: int) -> None:
     for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old)
+        # Hidden first, so a kill mid-delete leaves no half-deleted step_* folder behind.
+        doomed = old.with_name(f".{old.name}.deleting")
+        os.rename(old, doomed)
+        shutil.rmtree(doomed)
 
 
 def get_latest_checkpoint(output_dir: str | Path) -> Path | None:
