@@ -14,7 +14,9 @@ import ctypes.util
 import glob
 import logging
 import os
+import site
 import sys
+import sysconfig
 from pathlib import Path
 
 from bit_axon.backend import Backend, settings
@@ -44,11 +46,23 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def site_packages() -> list[str]:
+    """This interpreter's absolute site-packages folders, in order, each once.
+
+    Not ``sys.path``: its empty or relative entries would resolve against the current directory,
+    and a library found there would be loaded and run by a plain ``import bit_axon``.
+    """
+    folders = [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    if site.ENABLE_USER_SITE:
+        folders.append(site.getusersitepackages())
+    return [f for f in dict.fromkeys(folders) if os.path.isabs(f)]
+
+
 def _cmeel_openblas() -> list[str]:
     if not _cpu_flags() >= _CMEEL_REQUIRED_FLAGS:
         return []
     found: list[str] = []
-    for base in sys.path:
+    for base in site_packages():
         found += sorted(glob.glob(os.path.join(base, "cmeel.prefix", "lib", "libopenblas.so.0")))
     return found
 

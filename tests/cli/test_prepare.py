@@ -118,7 +118,7 @@ def test_format_forces_shape(tmp_path, datasets_offline):
     assert read_jsonl(out) == [{"messages": CHAT}]
     result = prepare(source, "-o", out, "--format", "sharegpt")
     assert result.exit_code == 1
-    assert "record 0" in result.output and "'from'" in result.output
+    assert f"{source}:1:" in result.output and "'from'" in result.output
 
 
 def test_bad_format_and_bad_source(tmp_path, datasets_offline):
@@ -136,7 +136,7 @@ def test_unconvertible_record_names_it_and_writes_nothing(tmp_path, datasets_off
     out = tmp_path / "out.jsonl"
     result = prepare(source, "-o", out)
     assert result.exit_code == 1
-    assert "record 1: conversation has no assistant turn" in result.output
+    assert f"{source}:2: conversation has no assistant turn" in result.output  # file:line, 1-based
     assert not out.exists()
 
 
@@ -169,4 +169,51 @@ def test_malformed_local_file_is_a_clean_error(tmp_path, datasets_offline):
     source.write_text('{"messages": [}\n')
     result = prepare(source, "-o", tmp_path / "out.jsonl")
     assert result.exit_code == 1
-    assert "could not read record 0" in result.output
+    assert f"{source}:1: invalid JSON" in result.output
+
+
+# ---- bad input: one line naming the path (and line), what to do, exit 1 -------------------------
+
+
+def one_line(result) -> str:
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_an_empty_file(tmp_path, datasets_offline, suffix):
+    source = tmp_path / f"empty{suffix}"
+    source.write_text("")
+    result = prepare(source, "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 1
+    assert one_line(result) == f"{source} is empty: there is nothing to convert; pass a file holding records."
+
+
+def test_output_is_a_directory(tmp_path, datasets_offline):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"messages": CHAT}])
+    folder = tmp_path / "out"
+    folder.mkdir()
+    result = prepare(source, "-o", folder)
+    assert result.exit_code == 1
+    assert one_line(result) == f"{folder} is a directory: pass the JSONL file to write, e.g. -o {folder / 'train.jsonl'}"
+
+
+def test_a_malformed_line_is_named_by_its_line(tmp_path, datasets_offline):
+    source = tmp_path / "in.jsonl"
+    lines = [json.dumps({"messages": CHAT})] * 4
+    lines.insert(2, '{"messages": [}')
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = prepare(source, "-o", out)
+    assert result.exit_code == 1
+    assert one_line(result).startswith(f"{source}:3: invalid JSON")
+    assert not out.exists()
+
+
+def test_a_bad_record_after_a_blank_line_is_named_by_its_line(tmp_path, datasets_offline):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"messages": CHAT}) + "\n\n" + json.dumps({"messages": CHAT[:1]}) + "\n")
+    result = prepare(source, "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 1
+    assert one_line(result) == f"{source}:3: conversation has no assistant turn"

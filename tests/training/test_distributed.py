@@ -111,7 +111,7 @@ DATA, VAL, TINY_VAL, PAIRS = (40, 0), (7, 1), (1, 2), (12, 3)  # (examples, seed
 
 def _config(out: Path, batch_size: int, **kw):
     # config() puts the run in <dir>/run; eval every 2 steps exercises the sharded evaluation.
-    values = dict(batch_size=batch_size, grad_accum_steps=2, max_steps=4, warmup_steps=1, eval_every=2, save_every=100)
+    values = dict(batch_size=batch_size, grad_accum_steps=2, max_steps=4, warmup_steps=2, eval_every=2, save_every=100)
     return config(out, **{**values, **kw})
 
 

@@ -21,10 +21,11 @@ from mlx.utils import tree_flatten, tree_map
 
 def test_schedule_warmup_then_cosine_to_zero():
     schedule = cosine_with_warmup(1e-3, warmup_steps=10, max_steps=110)
-    lr = {s: schedule(mx.array(s)).item() for s in (0, 5, 10, 35, 60, 85, 110)}
-    assert lr[0] == 0.0
-    assert lr[5] == pytest.approx(5e-4)
-    assert lr[10] == pytest.approx(1e-3)
+    lr = {s: schedule(mx.array(s)).item() for s in (0, 4, 9, 10, 35, 60, 85, 110)}
+    # Update k of the warmup runs at peak * (k + 1) / warmup: the first one is not wasted at lr 0.
+    assert lr[0] == pytest.approx(1e-4)
+    assert lr[4] == pytest.approx(5e-4)
+    assert lr[9] == pytest.approx(1e-3) and lr[10] == pytest.approx(1e-3)
     assert lr[35] == pytest.approx(1e-3 * (1 + np.cos(np.pi * 0.25)) / 2, rel=1e-5)
     assert lr[60] == pytest.approx(5e-4, rel=1e-5)
     assert lr[110] == pytest.approx(0.0, abs=1e-9)

@@ -5,15 +5,27 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 from bit_axon.io import atomic_write_text
 from bit_axon.tokenizer import hub_reachable
 from bit_axon.training.convert import SHAPES, ConversionError, convert_record, detect_shape
+from bit_axon.training.records import DatasetError, iter_records
 
 import typer
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(message, err=True)
+    raise typer.Exit(1)
+
+
+def _numbered(rows: Iterable[dict[str, Any]], source: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    return ((f"{source}: record {n}", row) for n, row in enumerate(rows, start=1))
 
 
 def _csv_text_features(datasets, path: Path):
@@ -23,7 +35,8 @@ def _csv_text_features(datasets, path: Path):
     return datasets.Features({name: datasets.Value("string") for name in columns})
 
 
-def _load_rows(source: str, split: str, subset: str | None):
+def _load_rows(source: str, split: str, subset: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The source's rows, each with where it is for messages (``file:line`` for JSON files)."""
     try:
         import datasets
     except ImportError:
@@ -38,12 +51,20 @@ def _load_rows(source: str, split: str, subset: str | None):
             raise typer.BadParameter(
                 f"{source}: local sources must be one {', '.join(LOCAL_BUILDERS)} file", param_hint="SOURCE"
             )
+        if not path.read_bytes().strip():
+            _fail(f"{source} is empty: there is nothing to convert; pass a file holding records.")
+        if builder == "json":  # read here, so that every message names the record's file:line
+            return ((record.where, record.data) for record in iter_records(path))
         options = {"features": _csv_text_features(datasets, path)} if builder == "csv" else {}
         # Streaming reads rows as they are needed and writes no Arrow cache.
-        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
+        try:
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
+        except StopIteration:  # the reader found no first row to infer columns from
+            _fail(f"{source} holds no records: there is nothing to convert.")
+        return _numbered(rows, source)
     if path.suffix.lower() in LOCAL_BUILDERS or source.startswith((".", "/", "~")):
         raise typer.BadParameter(f"{source}: no such file", param_hint="SOURCE")
-    return _load_hub_rows(datasets, source, split, subset)
+    return _numbered(_load_hub_rows(datasets, source, split, subset), source)
 
 
 def _load_hub_rows(datasets, source: str, split: str, subset: str | None):
@@ -77,22 +98,27 @@ def prepare(
     """Convert a dataset (chat messages, ShareGPT, Alpaca or preference pairs) into training JSONL."""
     if format != "auto" and format not in SHAPES:
         raise typer.BadParameter(f"expected auto or one of {', '.join(SHAPES)}", param_hint="--format")
+    if output.is_dir():
+        _fail(f"{output} is a directory: pass the JSONL file to write, e.g. -o {output / 'train.jsonl'}")
     rows = _load_rows(source, split, subset)
     shape = None if format == "auto" else format
     lines: list[str] = []
     try:
-        for row in itertools.islice(rows, limit):
-            shape = shape or detect_shape(row)
-            lines.append(json.dumps(convert_record(row, shape), ensure_ascii=False))
-    except ConversionError as e:
-        typer.echo(f"{source}: record {len(lines)}: {e}", err=True)
-        raise typer.Exit(1) from None
-    except (ValueError, OSError) as e:  # the reader's own: malformed JSON, an unreadable file, the network
-        typer.echo(f"{source}: could not read record {len(lines)}: {e}", err=True)
-        raise typer.Exit(1) from None
+        for where, row in itertools.islice(rows, limit):
+            try:
+                shape = shape or detect_shape(row)
+                lines.append(json.dumps(convert_record(row, shape), ensure_ascii=False))
+            except ConversionError as e:
+                _fail(f"{where}: {e}")
+    except DatasetError as e:  # a local JSON file's own: names file:line
+        _fail(str(e))
+    except (ValueError, OSError) as e:  # the reader's own: malformed rows, an unreadable file, the network
+        _fail(f"{source}: could not read record {len(lines) + 1}: {e}")
     if not lines:
-        typer.echo(f"{source}: no records to convert", err=True)
-        raise typer.Exit(1)
-    atomic_write_text(output, "\n".join(lines) + "\n")
+        _fail(f"{source}: no records to convert")
+    try:
+        atomic_write_text(output, "\n".join(lines) + "\n")
+    except OSError as e:
+        _fail(f"Could not write {output}: {e.strerror or e}; choose another --output.")
     written = "messages" if shape == "sharegpt" else shape
     typer.echo(f"Wrote {len(lines)} {written} records to {output}")

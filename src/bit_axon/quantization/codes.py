@@ -83,8 +83,11 @@ def _nf4_pack_codes(groups: mx.array, absmax: mx.array) -> mx.array:
     embedding this way peaks at a few copies of it, where a gather-based search held many
     (bench/README.md, "Measurements behind code choices").
     """
-    # An all-zero group has absmax 0; dividing by 1 instead maps it to the exact-zero code.
-    normed = (groups / mx.where(absmax > 0, absmax, 1)).astype(mx.float32)
+    # An all-zero group has absmax 0; dividing by 1 instead maps it to the exact-zero code. The
+    # division is in float32 whatever the weights' dtype (exact casts): divided in bfloat16, the
+    # rounded quotient would put some weights on the wrong side of a midpoint.
+    groups, absmax = groups.astype(mx.float32), absmax.astype(mx.float32)
+    normed = groups / mx.where(absmax > 0, absmax, 1)
     codes = mx.zeros(normed.shape, dtype=mx.uint32)
     for midpoint in _MIDPOINTS:
         codes = codes + (normed > midpoint).astype(mx.uint32)

@@ -12,7 +12,9 @@ The extension is compiled once per (source, MLX, nanobind, Python) into the user
 ``~/.cache/bit-axon/kernels``; about 20 s with g++), the way MLX itself compiles its fused CPU kernels
 with the system compiler. It links against MLX and binds with nanobind in MLX's domain, so the
 nanobind version must speak MLX's ABI (a dependency pin). After loading, both kernels are checked
-against the MLX ops on a small input, bit for bit. Linux only (the platform they were verified
+against the MLX ops on a small input, bit for bit. Importing a library runs its code, so a cached
+one is imported only when it and its folder belong to the user and nobody else can write them
+(:func:`check_trusted`); the cache folder is created private. Linux only (the platform they were verified
 on); elsewhere, with ``BIT_AXON_CPU_KERNELS=0`` (``Backend.cpu_kernels``), without a C++ compiler, or when the build or the
 check fails, :func:`load` returns None, says why once, and callers keep the MLX-op versions: the
 results are the same, only slower.
@@ -26,6 +28,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -100,7 +103,7 @@ def compile_command(compiler: str, output: Path) -> list[str]:
 
 def build(compiler: str, path: Path) -> None:
     """Compile the extension into ``path``, atomically (concurrent builders each write a temporary)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build-", suffix=path.suffix)
     os.close(fd)
     logger.info("Compiling the CPU dequantization kernels once (about 20 s) into %s", path)
@@ -117,7 +120,24 @@ def build(compiler: str, path: Path) -> None:
     logger.info("Built the CPU dequantization kernels in %.0f s", time.perf_counter() - start)
 
 
+def check_trusted(path: Path) -> None:
+    """Raise ``KernelBuildError`` unless ``path`` and its folder are the user's and not group/other-writable.
+
+    Another user who could write either could swap in a library whose code runs on import, before
+    the bit-for-bit check.
+    """
+    for item in (path.parent, path):
+        info = item.stat()
+        if info.st_uid != os.getuid():
+            raise KernelBuildError(f"not loading {path}: {item} belongs to another user (uid {info.st_uid})")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise KernelBuildError(
+                f"not loading {path}: {item} is writable by other users (chmod go-w {item} if you trust it)"
+            )
+
+
 def _import(path: Path) -> ModuleType:
+    check_trusted(path)
     spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
     if spec is None or spec.loader is None:
         raise KernelBuildError(f"cannot import {path}")

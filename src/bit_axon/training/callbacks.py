@@ -25,13 +25,15 @@ A callback asks for a graceful stop (finish this step, save, return) with
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bit_axon.io import atomic_write_text
-from bit_axon.training.checkpoint import save_adapter_only
+from bit_axon.training.checkpoint import get_latest_checkpoint, save_adapter_only
 from bit_axon.training.plotting import plot_losses
 
 if TYPE_CHECKING:
@@ -41,15 +43,65 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 FINAL_ADAPTER = "final_adapter.safetensors"
+NO_TARGETS = "no_targets"  # a metrics record's flag: the step's batches had no target tokens
+
+logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what to do (one line)."""
+
+
+class NonFiniteLossError(TrainingError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+class NoTargetTokensError(TrainingError):
+    """Every step of a run had batches without target tokens."""
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint or the final adapter could not be written (a full disk, a read-only folder)."""
 
 
 def step_was_skipped(record: dict[str, Any]) -> bool:
     """Whether the step behind a metrics record made no update (non-finite loss or gradients, or no targets)."""
     return not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]))
+
+
+def step_was_empty(record: dict[str, Any]) -> bool:
+    """Whether the step behind a metrics record was skipped because its batches had no target tokens."""
+    return bool(record.get(NO_TARGETS))
+
+
+def write_failure(err: OSError, what: str, output_dir: Path) -> CheckpointWriteError:
+    """The one-line error for an OS error while writing ``what``, naming the last good checkpoint."""
+    cause = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    latest = get_latest_checkpoint(output_dir)
+    last_good = f"the last good checkpoint is {latest}" if latest else f"there is no checkpoint in {output_dir} yet"
+    return CheckpointWriteError(
+        f"Could not write {what} ({cause}); {last_good}. Free some space (or fix the folder), then rerun "
+        "with --resume."
+    )
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file. A torn final line (a kill mid-append) is dropped with
+    a warning; a bad line elsewhere is a ``ValueError`` naming ``file:line``."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                logger.warning("%s:%d: dropping a torn last record (%s)", path, number, err.msg)
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record ({err.msg}); fix or delete that line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object")
+        records.append(record)
+    return records
 
 
 class Callback:
@@ -78,20 +130,41 @@ class Callback:
 
 
 class NonFiniteStop(Callback):
-    """Raise ``NonFiniteLossError`` after ``limit`` consecutive skipped steps.
+    """Raise ``NonFiniteLossError`` after ``limit`` consecutive skipped steps, and ``NoTargetTokensError``
+    at the end of a run whose every step had no target tokens.
 
     The trainer skips (does not apply) a step whose loss or gradient norm is not finite; one such
-    step is noise, several in a row mean the run has diverged.
+    step is noise, several in a row mean the run has diverged. A step without target tokens is
+    skipped too, but says nothing about divergence: it is counted apart.
     """
 
     def __init__(self, limit: int):
         self.limit = limit
         self.consecutive = 0
+        self.steps = self.empty = 0  # of this run (since the resume)
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        self.consecutive = 0
+        self.consecutive = self.steps = self.empty = 0
+
+    def on_train_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        if self.steps and self.empty == self.steps:
+            raise NoTargetTokensError(
+                f"None of the {self.steps} steps had a target token: at max_seq_len={trainer.config.max_seq_len} "
+                "every answer is cut off. Raise --max-seq-len or shorten the prompts."
+            )
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.steps += 1
+        if step_was_empty(record):
+            self.empty += 1
+            if self.empty == 1:
+                logger.warning(
+                    "step %d: its batches hold no target tokens, so its update is skipped (counted in "
+                    "empty_steps, not as a non-finite step): examples whose answer is cut off by "
+                    "max_seq_len=%d have none. Further such steps are not reported.",
+                    record["step"], trainer.config.max_seq_len,
+                )
+            return
         if not step_was_skipped(record):
             self.consecutive = 0
             return
@@ -163,9 +236,7 @@ class MetricsWriter(Callback):
         if trainer.step == 0:
             path.unlink()
             return
-        self.history.extend(
-            rec for rec in map(json.loads, path.read_text().splitlines()) if rec.get("step", 0) <= trainer.step
-        )
+        self.history.extend(rec for rec in read_metrics(path) if rec.get("step", 0) <= trainer.step)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
@@ -224,7 +295,10 @@ class Checkpointing(Callback):
         self._save_if_new(trainer)
         path = trainer.output_dir / FINAL_ADAPTER
         if trainer.is_main:
-            save_adapter_only(trainer.model, path)
+            try:
+                save_adapter_only(trainer.model, path)
+            except OSError as err:
+                raise write_failure(err, f"the final adapter {path}", trainer.output_dir) from err
         result["adapter_path"] = str(path)
 
 

@@ -7,6 +7,11 @@ adapter reproduces the base layer. As recommended in the paper (Sec. 4.3) and do
 mlx-lm, the adapted row norm is treated as a constant in the backward pass (``mx.stop_gradient``):
 gradients reach ``m`` directly and ``A``/``B`` through the LoRA path only, which saves the memory of
 differentiating a norm over the full (out, in) weight at a negligible cost in accuracy.
+
+The adapted row norm is the norm of the adapted weight itself, formed from the weight the forward
+pass already has: the expanded form ||W_o||^2 + 2 s (W A)_o . B_o + s^2 ||(A B)_o||^2 cancels
+catastrophically in float32 when a row of W + delta is much smaller than ||W_o|| (NaN at a ratio
+of 1e-4), where ``fuse()``, which has the adapted weight, would disagree with the forward.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def _row_norm_sq(w: mx.array) -> mx.array:
-    return (w * w).sum(axis=1)
+def _row_norms(w: mx.array) -> mx.array:
+    return mx.sqrt((w * w).sum(axis=1))
 
 
 @register_adapter_kind("dora")
@@ -31,20 +36,15 @@ class DoRALinear(LoRALinear):
     def __init__(self, linear: nn.Module, config: AdapterConfig):
         super().__init__(linear, config)
         # Computed exactly as adapted_norm() does with B = 0, so a fresh adapter's ratio is exactly 1.
-        self.m = mx.sqrt(_row_norm_sq(dense_weight(self.linear).astype(mx.float32)))
+        self.m = _row_norms(dense_weight(self.linear).astype(mx.float32))
 
     def adapted_norm(self, w: mx.array | None = None) -> mx.array:
-        """Row norms of ``W + scale B^T A^T`` (output_dims,), without forming the (out, in) update.
+        """Row norms of ``W + scale B^T A^T`` (output_dims,), in float32.
 
-        ||W_o + s d_o||^2 = ||W_o||^2 + 2 s (W A)_o . B_o + s^2 B_o^T (A^T A) B_o, where d_o is row o
-        of B^T A^T and B_o column o of B: only (out, r) and (r, r) products beyond the ||W_o||^2 sum.
         ``w`` is the base's float weight when the caller already has it (saves a dequantization).
         """
         w = (dense_weight(self.linear) if w is None else w).astype(mx.float32)
-        a, b, s = self.lora_a, self.lora_b, self.scale
-        cross = ((w @ a) * b.T).sum(axis=1)
-        quad = (((a.T @ a) @ b) * b).sum(axis=0)
-        return mx.sqrt(_row_norm_sq(w) + 2 * s * cross + s * s * quad)
+        return _row_norms(w + self.delta().astype(mx.float32))
 
     def fuse(self, requantize: bool = False) -> nn.Module:
         """A plain layer with weight ``(m / ||W + delta||_row) (W + delta)``, ``delta = scale B^T A^T``.
@@ -54,7 +54,7 @@ class DoRALinear(LoRALinear):
         """
         fused = super().fuse(requantize=False)
         adapted = fused.weight
-        norm = mx.linalg.norm(adapted.astype(mx.float32), axis=1)
+        norm = _row_norms(adapted.astype(mx.float32))
         fused.weight = ((self.m / norm)[:, None] * adapted).astype(adapted.dtype)
         return quantize_like(fused, self.linear) if requantize else fused
 

@@ -1,21 +1,25 @@
-"""Resuming a run: its latest checkpoint back into the trainer, and what changed since it was written."""
+"""Resuming a run: its newest intact checkpoint back into the trainer, and what changed since it was written."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bit_axon.training.checkpoint import get_latest_checkpoint, load_checkpoint, read_training_state
+from bit_axon.training.checkpoint import load_checkpoint, read_training_state
 from bit_axon.training.config import TrainingConfig
+from bit_axon.training.recovery import newest_intact_checkpoint
 
 if TYPE_CHECKING:
     from bit_axon.training.trainer import Trainer
 
 
 def resume_latest(trainer: Trainer) -> None:
-    """Load the latest checkpoint of ``trainer.output_dir`` into ``trainer`` (rank 0 only: the other
-    ranks receive it from rank 0), and report what changed since it was written."""
-    latest = get_latest_checkpoint(trainer.output_dir)
+    """Load the newest intact checkpoint of ``trainer.output_dir`` into ``trainer`` (rank 0 only: the
+    other ranks receive it from rank 0), and report what changed since it was written.
+
+    Damaged newer checkpoints are moved aside with a warning (``recovery.newest_intact_checkpoint``).
+    """
+    latest = newest_intact_checkpoint(trainer.output_dir)
     if latest is None:
         trainer.console.print(f"No checkpoint in {trainer.output_dir}; starting from step 0.")
         return
@@ -23,6 +27,7 @@ def resume_latest(trainer: Trainer) -> None:
     state = read_training_state(latest)
     trainer.batches_consumed = state.get("batches_consumed", 0)
     trainer.nonfinite_steps = state.get("nonfinite_steps", 0)
+    trainer.empty_steps = state.get("empty_steps", 0)
     trainer.tokens_seen = state.get("tokens_seen", 0)
     for callback in trainer.callbacks:
         callback.restore_state(state)

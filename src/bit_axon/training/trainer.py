@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bit_axon.training.callbacks import (
+    NO_TARGETS,
     Callback,
     Checkpointing,
     Cooling,
@@ -37,6 +38,7 @@ from bit_axon.training.callbacks import (
     NonFiniteLossError,
     NonFiniteStop,
     step_was_skipped,
+    write_failure,
 )
 from bit_axon.training.checkpoint import save_checkpoint
 from bit_axon.training.collate import iterate_batches
@@ -46,6 +48,7 @@ from bit_axon.training.distributed import agree_to_stop, all_sum_tree, broadcast
 from bit_axon.training.evaluation import evaluate_loss, perplexity, sft_loss_terms
 from bit_axon.training.losses import TargetBatch, gather_targets
 from bit_axon.training.progress import StepProgress
+from bit_axon.training.recovery import recover_unfinished
 from bit_axon.training.resume import resume_latest
 from bit_axon.training.run_scope import StopSignals, memory_limit
 from bit_axon.training.scheduler import cosine_with_warmup
@@ -104,10 +107,12 @@ class Trainer:
         self.eos_token_id = _special_token_id("eos_token_id", eos_token_id, dataset)
         self.pad_token_id = _special_token_id("pad_token_id", pad_token_id, dataset)
         self.output_dir = Path(config.output_dir)
-        self.optimizer = optim.AdamW(learning_rate=self.schedule(), weight_decay=config.weight_decay)
+        self.learning_rate_at = self.schedule()  # optimizer step (0-based) -> its learning rate
+        self.optimizer = optim.AdamW(learning_rate=self.learning_rate_at, weight_decay=config.weight_decay)
         self.step = 0
         self.batches_consumed = 0
         self.nonfinite_steps = 0
+        self.empty_steps = 0  # steps skipped because their batches had no target tokens
         self.tokens_seen = 0
         self.last_loss = math.nan  # of the last applied step: the loss a checkpoint records
         self.stop_reason: str | None = None
@@ -200,11 +205,7 @@ class Trainer:
             tokens = int(global_tokens.item())
         return totals, loss_sum, weight, metric_sums, tokens
 
-    def _apply(self, grads, loss_sum: mx.array, weight: mx.array) -> tuple[float, float, bool]:
-        w = weight.item()
-        if w == 0:
-            logger.warning("step %d: no target tokens in the accumulated batches; update skipped", self.step)
-            return float("nan"), 0.0, False
+    def _apply(self, grads, loss_sum: mx.array, w: float) -> tuple[float, float, bool]:
         grads = tree_map(lambda g: g / w, grads)
         grads, norm = optim.clip_grad_norm(grads, self.config.max_grad_norm)
         loss = (loss_sum / w).item()
@@ -224,21 +225,30 @@ class Trainer:
         # masks for its own rows (rank 0 keeps the one-process seeds).
         mx.random.seed(c.seed * 1_000_003 + self.step + (self.rank << 32))
         grads, loss_sum, weight, metric_sums, tokens = self._accumulate(grad_step, data)
-        lr = float(self.optimizer.learning_rate.item())
-        loss, grad_norm, applied = self._apply(grads, loss_sum, weight)
+        # The rate this step's update uses (the optimizer evaluates the schedule at its own step count).
+        lr = float(self.learning_rate_at(self.optimizer.step).item())
         self.step += 1
         self.tokens_seen += tokens
-        if applied:
-            self.last_loss = loss
+        w = weight.item()
+        empty = w == 0
+        if empty:
+            loss, grad_norm = math.nan, math.nan  # no update: NonFiniteStop says why, once
+            self.empty_steps += 1
         else:
-            self.nonfinite_steps += 1
-            logger.warning("step %d: non-finite loss/gradients (loss=%s); update skipped", self.step, loss)
-        w = max(weight.item(), 1e-9)
+            loss, grad_norm, applied = self._apply(grads, loss_sum, w)
+            if applied:
+                self.last_loss = loss
+            else:
+                self.nonfinite_steps += 1
+                logger.warning("step %d: non-finite loss/gradients (loss=%s); update skipped", self.step, loss)
         record: dict[str, Any] = {
             "step": self.step, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
             "tokens": tokens, "step_time": time.perf_counter() - t0, **self._throughput(),
         }
-        record.update({k: v.item() / w for k, v in metric_sums.items()})
+        if empty:
+            record.update({NO_TARGETS: True, "empty_steps": self.empty_steps})
+        else:
+            record.update({k: v.item() / w for k, v in metric_sums.items()})
         return record
 
     def _throughput(self) -> dict[str, float]:
@@ -265,6 +275,7 @@ class Trainer:
         c = self.config
         state = {
             "batches_consumed": self.batches_consumed, "nonfinite_steps": self.nonfinite_steps,
+            "empty_steps": self.empty_steps,
             "tokens_seen": self.tokens_seen, "max_steps": c.max_steps,
             "learning_rate": float(self.optimizer.learning_rate.item()), "world_size": self.world_size,
             "batch_size": c.batch_size, "max_seq_len": c.max_seq_len, "seed": c.seed,
@@ -278,10 +289,15 @@ class Trainer:
         """A checkpoint of the current step (rank 0; None on the other ranks)."""
         if not self.is_main:
             return None
-        return save_checkpoint(
-            self.model, self.optimizer, self.step, self.last_loss, self.output_dir,
-            extra_state=self.training_state(), keep=self.config.keep_checkpoints,
-        )
+        recover_unfinished(self.output_dir)  # what a kill during an earlier save left
+        try:
+            return save_checkpoint(
+                self.model, self.optimizer, self.step, self.last_loss, self.output_dir,
+                extra_state=self.training_state(), keep=self.config.keep_checkpoints,
+            )
+        except OSError as err:
+            what = f"the checkpoint of step {self.step} in {self.output_dir}"
+            raise write_failure(err, what, self.output_dir) from err
 
     def _sync_from_rank0(self) -> None:
         """Start every rank from rank 0's state: its checkpoint, or its fresh adapters.
@@ -300,7 +316,8 @@ class Trainer:
             "seed": c.seed,
             "trainable parameters": sum(v.size for _, v in tree_flatten(self.model.trainable_parameters())),
         }, self.group)
-        counters = mx.array([self.step, self.batches_consumed, self.nonfinite_steps, self.tokens_seen], dtype=mx.int64)
+        counters = [self.step, self.batches_consumed, self.nonfinite_steps, self.empty_steps, self.tokens_seen]
+        counters = mx.array(counters, dtype=mx.int64)
         state = broadcast_tree(
             {"adapters": self.model.trainable_parameters(), "optimizer": self.optimizer.state, "counters": counters},
             self.group,
@@ -308,7 +325,9 @@ class Trainer:
         self.model.update(state["adapters"])
         self.optimizer.state = state["optimizer"]
         mx.eval(self.model.parameters(), self.optimizer.state)
-        self.step, self.batches_consumed, self.nonfinite_steps, self.tokens_seen = state["counters"].tolist()
+        self.step, self.batches_consumed, self.nonfinite_steps, self.empty_steps, self.tokens_seen = (
+            state["counters"].tolist()
+        )
 
     def request_stop(self, reason: str) -> None:
         """Stop before the next step (a callback's graceful stop: the run saves and returns)."""
@@ -341,11 +360,8 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
 
-    def _announce_stop(self, signal_name: str) -> None:
-        self.console.print(
-            f"[yellow]{signal_name}: finishing step {self.step + 1}, "
-            "then saving a checkpoint (press Ctrl-C again to abort now).[/yellow]"
-        )
+    def _announce_stop(self, message: str) -> None:
+        self.console.print(f"[yellow]{message}[/yellow]", highlight=False)
 
     # ---- the loop ------------------------------------------------------------------------------
     def _begin(self, resume: bool) -> None:
@@ -388,7 +404,7 @@ class Trainer:
             self.console.print(f"[yellow]Stopped at step {self.step} ({self.stop_reason}).[/yellow]")
         elapsed = time.perf_counter() - self._run_start[0]
         result.update(
-            step=self.step, **self._throughput(), nonfinite_steps=self.nonfinite_steps,
+            step=self.step, **self._throughput(), nonfinite_steps=self.nonfinite_steps, empty_steps=self.empty_steps,
             interrupted=self.signals.requested, stop_reason=self.stop_reason, elapsed_sec=elapsed,
         )
         return result
