@@ -114,3 +114,52 @@ def test_load_defaults_to_the_bundled_tokenizer_and_checks_that_it_fits(tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="No config.json"):
         load(tmp_path / "empty")
+
+
+# --- non-finite weights: found once when read, never written ---------------------------------------
+
+
+def test_non_finite_weights_are_refused_when_loaded_naming_tensor_and_file(tmp_path):
+    from bit_axon.quantization.model import NonFiniteWeightsError
+    from nonfinite import poisoned_copy
+
+    bad, name = poisoned_copy(save_model(tiny_model(), tmp_path / "good"), tmp_path / "bad")
+    with pytest.raises(NonFiniteWeightsError, match=f"{bad / 'model.safetensors'}: tensor {name!r} holds NaN or Inf"):
+        load_model(bad)
+
+
+def test_non_finite_weights_of_a_pretrained_source_are_refused(tmp_path):
+    from bit_axon.quantization.model import NonFiniteWeightsError
+    from sources.tiny_lm import hf_directory
+
+    import numpy as np
+
+    path, _ = hf_directory(tmp_path / "hf", quantized=False)
+    [file] = path.glob("*.safetensors")
+    weights = mx.load(str(file))
+    name = sorted(weights)[0]
+    values = np.array(weights[name].astype(mx.float32))
+    values.flat[0] = np.nan
+    weights[name] = mx.array(values).astype(weights[name].dtype)
+    mx.save_safetensors(str(file), weights)
+    with pytest.raises(NonFiniteWeightsError, match=f"{path}: tensor .* holds NaN or Inf"):
+        load_model(path)
+
+
+def test_save_model_refuses_non_finite_weights_and_writes_nothing(tmp_path):
+    from bit_axon.quantization.model import NonFiniteWeightsError
+
+    model = tiny_model()
+    model.update({"embed_tokens": {"weight": model.embed_tokens.weight * float("inf")}})
+    with pytest.raises(NonFiniteWeightsError, match=f"{tmp_path / 'out'} not written: tensor 'embed_tokens.weight'"):
+        save_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # Quantization scales are floats too: a quantized model with an Inf scale is refused the same way.
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    model = quantize_model(tiny_model(), mode="nf4")
+    name, scales = next((k, v) for k, v in tree_flatten(model.parameters()) if k.endswith("scales"))
+    model.update(tree_unflatten([(name, scales * float("inf"))]))
+    with pytest.raises(NonFiniteWeightsError, match=f"tensor {name!r}"):
+        save_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -26,6 +26,7 @@ from bit_axon.config import BitAxonConfig
 from bit_axon.io import atomic_save_safetensors
 from bit_axon.model import BitAxonModel
 from bit_axon.quantization import quantization_spec, quantize_model
+from bit_axon.quantization.model import check_finite
 from bit_axon.sources import ChatTokenizer, load_gguf, load_hf_directory, read_gguf_tokenizer, save_pretrained
 from bit_axon.sources.pretrained import PretrainedLMMixin
 from bit_axon.tokenizer import TOKENIZER_FILES, QwenTokenizerWrapper, hub_reachable
@@ -54,7 +55,9 @@ def load_weights(path: str | Path) -> dict[str, mx.array]:
         raise FileNotFoundError(f"No *.safetensors files in {path}")
     weights: dict[str, mx.array] = {}
     for file in files:
-        weights.update(mx.load(str(file)))
+        tensors = mx.load(str(file))
+        check_finite(tensors, str(file))
+        weights.update(tensors)
     return weights
 
 
@@ -155,9 +158,10 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
 
 def load_model(path: str | Path, dtype: mx.Dtype | None = None) -> nn.Module:
     """The model at ``path``, any source ``model_source`` knows; ``dtype`` casts the stored
-    floating-point weights. ``model.source`` is ``path`` as given (adapter files record it)."""
+    floating-point weights. ``model.source`` is ``path`` as given (adapter files record it).
+    Weights holding NaN or Inf are refused (``NonFiniteWeightsError`` naming the tensor and file)."""
     source = str(path)
-    model = _READERS[model_source(path)](source)
+    model = _READERS[model_source(path)](source)  # every reader checks that the weights are finite
     if dtype is not None:
         cast_floats(model, dtype)
     mx.eval(model.parameters())
@@ -207,9 +211,13 @@ def save_model(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
 
     A ``BitAxonModel``: ``config.json`` and ``model.safetensors``. A pretrained model: the mlx-lm /
     Hugging Face layout (``bit_axon.sources.saving``) plus its tokenizer files (``tokenizer``, else
-    the tokenizer of the model's source), so the directory is self-contained.
+    the tokenizer of the model's source), so the directory is self-contained. Non-finite weights or
+    scales are refused before anything is written (``NonFiniteWeightsError``).
     """
     path = Path(path)
+    weights = dict(tree_flatten(model.parameters()))
+    check_finite(weights, f"{path} not written",
+                 "a model with non-finite weights or scales is never saved (did a merged adapter diverge?)")
     if isinstance(model, PretrainedLMMixin):
         save_pretrained(model, path)
         tokenizer = tokenizer if tokenizer is not None else _source_tokenizer(model)
@@ -217,7 +225,6 @@ def save_model(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
             tokenizer.save(path)
         return path
     path.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
     atomic_save_safetensors(path / WEIGHTS_FILE, weights, metadata={"format": "mlx"})
     model.config.save(path / "config.json")
     return path

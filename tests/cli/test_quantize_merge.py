@@ -10,6 +10,7 @@ from bit_axon.quantization import quantize_model
 from bit_axon.training.checkpoint import load_adapter, save_adapter_only
 from bit_axon.training.lora import adapter_layers, apply_lora_to_model
 from bit_axon.training.merging import merge_adapters
+from nonfinite import poisoned_copy
 
 import mlx.core as mx
 import numpy as np
@@ -132,3 +133,62 @@ def test_merge_errors(base, adapter, tmp_path):
         runner.invoke(app, ["merge", str(base), "--adapter", str(adapter), "-o", out, "-r", "8"]), "rank 4"
     )
     assert not (tmp_path / "merged").exists()
+
+
+# --- output paths: never over the input, never a traceback ---------------------------------------
+
+
+def _file_bytes(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_quantize_into_its_own_input_is_refused_unless_asked(base, tmp_path):
+    before = _file_bytes(base)
+    assert_one_line_error(runner.invoke(app, ["quantize", str(base), "-o", str(base)]), str(base), "--overwrite",
+                          "replace or spoil its weights")
+    assert_one_line_error(runner.invoke(app, ["quantize", str(base), "-o", str(base / "q4")]), "inside the input model")
+    assert _file_bytes(base) == before  # the float weights are untouched
+    result = runner.invoke(app, ["quantize", str(base), "-o", str(base), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert load_model(base).config.quantization == {"mode": "nf4", "bits": 4, "group_size": 64}
+
+
+def test_merge_into_its_base_is_refused(base, adapter):
+    before = _file_bytes(base)
+    assert_one_line_error(runner.invoke(app, ["merge", str(base), "--adapter", str(adapter), "-o", str(base)]),
+                          "is the input model", "--overwrite")
+    assert _file_bytes(base) == before
+
+
+@pytest.mark.parametrize("command", ["quantize", "merge", "port-weights"])
+def test_an_existing_file_as_output_is_a_one_line_error(base, adapter, tmp_path, command):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep me")
+    args = {"quantize": [str(base)], "merge": [str(base), "--adapter", str(adapter)], "port-weights": [str(base)]}
+    assert_one_line_error(runner.invoke(app, [command, *args[command], "-o", str(taken)]),
+                          f"{taken} is an existing file", "directory")
+    assert taken.read_text() == "keep me"
+
+
+# --- non-finite weights: refused when read, never written ---------------------------------------
+
+
+def test_non_finite_base_is_refused_by_quantize_and_merge(base, adapter, tmp_path):
+    bad, name = poisoned_copy(base, tmp_path / "bad")
+    for args in (["quantize", str(bad)], ["merge", str(bad), "--adapter", str(adapter)]):
+        assert_one_line_error(runner.invoke(app, [*args, "-o", str(tmp_path / "out")]),
+                              f"{bad / 'model.safetensors'}: tensor {name!r} holds NaN or Inf")
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("re_quantize", ["--re-quantize", "--no-re-quantize"])
+def test_merge_never_writes_non_finite_weights(base, tmp_path, re_quantize):
+    model = load_model(base)
+    apply_lora_to_model(model, rank=4)
+    for _, layer in adapter_layers(model):
+        layer.lora_b = mx.full(layer.lora_b.shape, float("nan"))
+    adapter = save_adapter_only(model, tmp_path / "nan_adapter.safetensors")
+    out = tmp_path / "merged"
+    assert_one_line_error(runner.invoke(app, ["merge", str(base), "--adapter", str(adapter), "-o", str(out), re_quantize]),
+                          f"{out} not written", "holds NaN or Inf")
+    assert not (out / "model.safetensors").exists()

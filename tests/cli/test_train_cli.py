@@ -178,3 +178,43 @@ def test_run_training_uses_the_tokenizers_special_ids(tmp_path, monkeypatch, mod
     result = _train(data, "-w", model_dir, "-o", tmp_path / "run", "--max-steps", "1", *COMMON)
     assert result.exit_code == 0, result.output
     assert seen == {"eos": 7, "pad": 9}
+
+
+def test_an_existing_file_as_output_dir_is_a_one_line_error(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    result = runner.invoke(app, ["train", str(_subset(tmp_path, "sft.jsonl", 2)), "--config-small", "-o", str(taken)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{taken} is an existing file, but --output-dir names a directory" in result.output
+    assert taken.read_text() == "keep me"
+
+
+def test_a_non_finite_base_is_named_not_blamed_on_the_learning_rate(tmp_path, model_dir):
+    from nonfinite import poisoned_copy
+
+    bad, name = poisoned_copy(model_dir, tmp_path / "bad")
+    result = runner.invoke(app, ["train", str(_subset(tmp_path, "sft.jsonl", 4)), "-w", str(bad), "-o", str(tmp_path / "run"),
+                                 "--max-steps", "1", *COMMON])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"tensor {name!r} holds NaN or Inf" in result.output and "learning" not in result.output
+
+
+def test_orpo_form_flag(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("bit_axon.cli.train.run_training", lambda data, config, **kw: seen.update(config=config) or
+                        {"adapter_path": "x", "step": 0})
+    orpo = _subset(tmp_path, "orpo.jsonl", 2)
+    result = runner.invoke(app, ["train", str(orpo), "--config-small", "--orpo-form", "paper"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert seen["config"].orpo_form == "paper"
+    assert runner.invoke(app, ["train", str(orpo), "--config-small", "--orpo-form", "trl"]).exit_code == 2
+
+
+def test_output_dir_that_is_the_model_directory_is_refused(tmp_path, model_dir):
+    # Its adapters and checkpoints would add *.safetensors files that make the model unloadable.
+    before = sorted(p.name for p in model_dir.iterdir())
+    result = runner.invoke(app, ["train", str(_subset(tmp_path, "sft.jsonl", 2)), "-w", str(model_dir), "-o", str(model_dir),
+                                 *COMMON])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"--output-dir {model_dir} is the input model" in result.output and "--overwrite" not in result.output
+    assert sorted(p.name for p in model_dir.iterdir()) == before

@@ -363,3 +363,71 @@ def test_smollm2_alpaca_and_orpo_share_the_templated_prompt(tmp_path, smollm2_to
             assert tok.decode(ids[len(prompt) :]) == record[key][0]["content"] + "<|im_end|>"
             assert ids == tok.apply_chat_template(record["prompt"] + record[key])[:-1]  # all but the final "\n"
     assert (data.eos_token_id, data.pad_token_id) == (2, 0)
+
+
+# --- input that cannot teach anything, and files that are not data ------------------------------
+
+
+def test_non_utf8_bytes_name_file_line_and_column(tmp_path, qwen_tokenizer):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((GOOD + "\n").encode() + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    message = re.escape(f"{path}:2: not UTF-8 text (byte 0xe9 at column 47)")
+    with pytest.raises(DatasetError, match=message):
+        SFTDataset(path, qwen_tokenizer)
+    with pytest.raises(DatasetError, match=message):
+        detect_format(path)
+
+
+def test_a_directory_is_not_a_data_file(tmp_path, qwen_tokenizer):
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path} is a directory: pass a data file")):
+        load_dataset_file(tmp_path, qwen_tokenizer)
+
+
+def test_empty_assistant_replies_are_counted_and_a_file_of_only_those_refused(tmp_path, qwen_tokenizer, caplog):
+    empty = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]}
+    path = write_jsonl(tmp_path / "some.jsonl", [{"messages": CONVERSATIONS[1]}, empty, empty])
+    with caplog.at_level(logging.WARNING, logger="bit_axon.training.data"):
+        data = SFTDataset(path, qwen_tokenizer)
+    assert len(data) == 3  # kept: the end-of-turn token is still a target
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "2 of 3 records have only empty assistant replies: nothing to learn from them" in warning
+    assert f"(first: {path}:2)" in warning
+    # A conversation with one empty reply among others still teaches: not counted.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bit_axon.training.data"):
+        SFTDataset(write_jsonl(tmp_path / "mixed.jsonl", [{"messages": CONVERSATIONS[2]}]), qwen_tokenizer)
+    assert not caplog.records
+    path = write_jsonl(tmp_path / "all.jsonl", [empty, empty])
+    with pytest.raises(DatasetError, match=re.escape(f"{path}: 2 of 2 records have only empty assistant replies")):
+        SFTDataset(path, qwen_tokenizer)
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "x", "output": ""}])
+    with pytest.raises(DatasetError, match="empty assistant replies"):
+        AlpacaDataset(path, qwen_tokenizer)
+
+
+def test_preference_pairs_with_chosen_equal_to_rejected_are_counted_and_refused_when_all(tmp_path, qwen_tokenizer, caplog):
+    same = {**ORPO_STRINGS, "rejected": ORPO_STRINGS["chosen"]}
+    path = write_jsonl(tmp_path / "p.jsonl", [ORPO_STRINGS, same])
+    with caplog.at_level(logging.WARNING, logger="bit_axon.training.data"):
+        assert len(ORPODataset(path, qwen_tokenizer)) == 2
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "1 of 2 records have the same chosen and rejected response: they teach no preference" in warning
+    assert f"(first: {path}:2)" in warning
+    path = write_jsonl(tmp_path / "q.jsonl", [same, same])
+    with pytest.raises(DatasetError, match=re.escape(f"{path}: 2 of 2 records have the same chosen and rejected")):
+        ORPODataset(path, qwen_tokenizer)
+
+
+def test_examples_whose_prompt_fills_max_seq_len_are_counted_and_refused_when_most(tmp_path, qwen_tokenizer, caplog):
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    long = {"messages": [{"role": "user", "content": " ".join(["word"] * 80)}, {"role": "assistant", "content": "ok"}]}
+    path = write_jsonl(tmp_path / "some.jsonl", [short, long, short])
+    with caplog.at_level(logging.WARNING, logger="bit_axon.training.data"):
+        data = SFTDataset(path, qwen_tokenizer, max_seq_len=32)
+    assert not any(data[1][1])
+    lost = [r.getMessage() for r in caplog.records if "keep no answer tokens" in r.getMessage()]
+    assert len(lost) == 1 and "1 of 3 examples" in lost[0] and f"first: {path}:2" in lost[0]
+    path = write_jsonl(tmp_path / "most.jsonl", [long, short, long])
+    with pytest.raises(DatasetError, match=re.escape(f"{path}: 2 of 3 examples keep no answer tokens when cut to 31")) as info:
+        SFTDataset(path, qwen_tokenizer, max_seq_len=32)
+    assert "--max-seq-len" in str(info.value)

@@ -112,3 +112,46 @@ def test_orpo_resume_matches_uninterrupted(tmp_path):
     for (k, a), (_, b) in zip(tree_flatten(full.trainable_parameters()), tree_flatten(resumed.trainable_parameters()),
                               strict=True):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+# --- the two forms of the penalty: the same beta means different things ------------------------
+
+
+@pytest.mark.parametrize(
+    ("form", "expected"),
+    [
+        # p_c = 0.5 (log-odds 0), p_r = 0.2 (log-odds log 1/4): the ratio is log 4.
+        ("guide", math.log(1.5)),  # -log sigmoid(0.5 * log 4) = -log sigmoid(log 2) = -log(2/3)
+        ("paper", 0.5 * math.log(1.25)),  # -0.5 * log sigmoid(log 4) = -0.5 * log(4/5)
+    ],
+)
+def test_orpo_forms_match_hand_computed_values(form, expected):
+    chosen, rejected = mx.array([math.log(0.5)]), mx.array([math.log(0.2)])
+    assert orpo_loss(chosen, rejected, beta=0.5, form=form).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_unknown_orpo_form_is_refused():
+    with pytest.raises(ValueError, match="unknown ORPO form 'trl'"):
+        orpo_loss(mx.array([-1.0]), mx.array([-2.0]), form="trl")
+    from bit_axon.training.config import TrainingConfig
+
+    with pytest.raises(ValueError, match="orpo_form must be one of"):
+        TrainingConfig(orpo_form="trl")
+
+
+def test_orpo_trainer_uses_the_configured_form(tmp_path):
+    from bit_axon.training.orpo_loss import orpo_terms
+
+    model = tiny_model()
+    batch = next(iterate_orpo_batches(preference_task(4), 4, 32, shuffle=False, pad_token_id=PAD))
+    nll = orpo_terms(model, batch)[1]["nll"].sum().item()
+    penalties = {}
+    for form in ("guide", "paper"):
+        trainer = ORPOTrainer(model, config(tmp_path, training_mode="orpo", beta=0.5, orpo_form=form), preference_task(4),
+                              **trainer_kwargs())
+        total, _, metrics = trainer.loss_terms(model, batch)
+        expected = orpo_terms(model, batch, beta=0.5, form=form)[0].sum().item()
+        assert total.item() == pytest.approx(expected, rel=1e-5)
+        penalties[form] = metrics["orpo_penalty"].item()
+        assert total.item() == pytest.approx(nll + penalties[form], rel=1e-5)
+    assert penalties["guide"] != pytest.approx(penalties["paper"], rel=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bit_axon.cli.options import parameter_defaults
+from bit_axon.cli.paths import OVERWRITE_FLAG, check_output_dir, write_error
 from bit_axon.training.merging import load_and_merge
 
 import typer
@@ -25,10 +26,12 @@ def merge(
     lora_rank: int | None = typer.Option(
         None, "--lora-rank", "-r", help="Expected adapter rank; checked against the file (read from it if omitted)."
     ),
+    overwrite: bool = typer.Option(False, OVERWRITE_FLAG, help="Allow --output to be the base model's own directory."),
 ) -> None:
     """Merge a LoRA/DoRA adapter into a base model."""
     console = Console(stderr=True)
     try:
+        check_output_dir(output, inputs=[base], overwrite=overwrite)
         with console.status(f"Merging {adapter} into {base}"):
             out = load_and_merge(
                 base,
@@ -41,6 +44,9 @@ def merge(
             )
     except (FileNotFoundError, ValueError) as err:
         typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as err:  # the write: a full disk, no permission
+        typer.echo(write_error(err, output), err=True)
         raise typer.Exit(1) from None
     precision = f"{bits}-bit (group {group_size})" if re_quantize else "full-precision"
     console.print(f"Saved {precision} merged model to {out}")

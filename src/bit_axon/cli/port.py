@@ -6,6 +6,7 @@ import json
 from enum import Enum
 from pathlib import Path
 
+from bit_axon.cli.paths import check_output_dir
 from bit_axon.config import BitAxonConfig
 from bit_axon.porting import port_weights as port_checkpoint
 
@@ -78,6 +79,7 @@ def port_weights(
     """
     console = Console(stderr=True)
     try:
+        check_output_dir(output)
         architecture = _architecture(config_file, config_small, qwen_dir)
         with console.status(f"Porting {qwen_dir}"):
             out = port_checkpoint(

@@ -6,6 +6,7 @@ from enum import Enum
 from pathlib import Path
 
 from bit_axon.cli.options import parameter_defaults
+from bit_axon.cli.paths import OVERWRITE_FLAG, check_output_dir, write_error
 from bit_axon.loading import load_model, save_model
 from bit_axon.quantization import AFFINE_BITS, GROUP_SIZES, QUANT_MODES, base_quantization, quantize_model
 
@@ -28,10 +29,12 @@ def quantize(
     mode: QuantMode = typer.Option(
         DEFAULTS["mode"], "--mode", help="nf4: QLoRA's 4-bit NormalFloat; affine: MLX's native quantization."
     ),
+    overwrite: bool = typer.Option(False, OVERWRITE_FLAG, help="Allow --output to be the input model's own directory."),
 ) -> None:
     """Quantize a model's linear, expert and embedding weights."""
     console = Console(stderr=True)
     try:
+        check_output_dir(output, inputs=[model_path], overwrite=overwrite)
         with console.status(f"Loading {model_path}"):
             model = load_model(model_path)
         q = base_quantization(model)
@@ -46,5 +49,8 @@ def quantize(
             save_model(model, output)
     except (FileNotFoundError, ValueError) as err:
         typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as err:  # the write: a full disk, no permission
+        typer.echo(write_error(err, output), err=True)
         raise typer.Exit(1) from None
     console.print(f"Saved {mode.value} {bits}-bit (group {group_size}) model to {output}")

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from bit_axon.cli.options import Flag, given_settings, settings_options
+from bit_axon.cli.paths import check_output_dir
 from bit_axon.tokenizer import DEFAULT_TOKENIZER
 from bit_axon.training.config import QUANTIZE_MODES, TRAINING_MODES, TrainingConfig
 from bit_axon.training.data import FORMATS, ORPODataset
+from bit_axon.training.orpo_loss import ORPO_FORMS
 
 import typer
 from rich.console import Console
@@ -36,6 +38,10 @@ CONFIG_FLAGS = {
     "lora_scale": Flag("Adapter scaling."),
     "use_dora": Flag("Use LoRA instead of DoRA.", name="--no-dora"),
     "beta": Flag("ORPO preference strength."),
+    "orpo_form": Flag(
+        "ORPO penalty: guide = -log sigmoid(beta * log-odds ratio); paper = -beta * log sigmoid(log-odds ratio) "
+        "(the ORPO paper's and TRL's: the same --beta means something else).", choices=ORPO_FORMS
+    ),
     "training_mode": Flag(
         "sft or orpo (default: orpo for preference data, else sft).", choices=TRAINING_MODES, show_default=False
     ),
@@ -200,6 +206,8 @@ def train(
     try:
         if not data.exists():
             raise FileNotFoundError(f"Training data not found: {data}")
+        check_output_dir(Path(output_dir), inputs=[model_weights] if model_weights else [], option="--output-dir",
+                         can_overwrite=False)
         fmt = data_format.value if data_format else detect_format(data)
         overrides.setdefault("training_mode", "orpo" if fmt == "orpo" else "sft")
         if "temp_pause" in overrides and "temp_max_speed" not in overrides:

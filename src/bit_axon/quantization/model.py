@@ -20,6 +20,7 @@ width rule.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 # Importing a format registers it.
@@ -27,6 +28,7 @@ import bit_axon.quantization.nf4  # noqa: F401
 from bit_axon.quantization.affine import QuantizedEmbedding, QuantizedLinear
 from bit_axon.quantization.base import FORMATS, find_base
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
@@ -156,3 +158,24 @@ def adopt_quantized(model: nn.Module) -> int:
             module.__class__ = fast
             changed += 1
     return changed
+
+
+DAMAGED = "the weights are damaged, or were saved from a run that diverged; re-create or re-download the model"
+
+
+class NonFiniteWeightsError(ValueError):
+    """A model's weights (or quantization scales) hold NaN or Inf; the message names the tensor."""
+
+
+def check_finite(arrays: Mapping[str, mx.array], where: str, remedy: str = DAMAGED) -> None:
+    """Raise ``NonFiniteWeightsError`` naming the first floating-point tensor of ``arrays`` (weights,
+    quantization scales and biases) that holds NaN or Inf. Every reader of model weights calls it
+    once; one reduction per tensor, evaluated together, costs about one read of the weights."""
+    names = [name for name, value in arrays.items() if mx.issubdtype(value.dtype, mx.floating)]
+    if not names:
+        return
+    finite = mx.stack([mx.isfinite(arrays[name]).all() for name in names]).tolist()
+    bad = [name for name, ok in zip(names, finite, strict=True) if not ok]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise NonFiniteWeightsError(f"{where}: tensor {bad[0]!r} holds NaN or Inf values{more}; {remedy}")

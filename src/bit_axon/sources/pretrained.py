@@ -18,6 +18,7 @@ from typing import Any
 
 from bit_axon.quantization import adopt_quantized, layer_quantization, summarize_quantization
 from bit_axon.quantization.base import FORMATS, find_base
+from bit_axon.quantization.model import check_finite
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -267,14 +268,16 @@ def build_pretrained(config: dict, weights: dict[str, mx.array], source: str = "
     model.eval()
     load_weights_strict(model, weights, source)
     mx.eval(model.parameters())
-    return ready_pretrained(model, config)
+    return ready_pretrained(model, config, source)
 
 
-def ready_pretrained(model: nn.Module, config: dict) -> nn.Module:
+def ready_pretrained(model: nn.Module, config: dict, source: str) -> nn.Module:
     """A freshly loaded pretrained model as the pipeline uses it: MLX's quantized layers on our CPU
-    fast path (``adopt_quantized``), its config kept for saving, its logits checked to be head(features)."""
+    fast path (``adopt_quantized``), its config kept for saving, its weights checked to be finite and
+    its logits to be head(features)."""
     adopt_quantized(model)
     model.remember_config(config)
+    check_finite(dict(tree_flatten(model.parameters())), source)  # before the split check computes with them
     check_head_split(model)
     return model
 
@@ -295,4 +298,4 @@ def load_hf_directory(path: str | Path) -> tuple[nn.Module, dict]:
             weights.update(mx.load(str(file)))
         return build_pretrained(config, weights, source=str(path)), config
     model, config = load_model(path, get_model_classes=_model_classes)
-    return ready_pretrained(model, config), config
+    return ready_pretrained(model, config, str(path)), config

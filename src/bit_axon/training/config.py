@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from bit_axon.quantization import DEFAULT_MODE, QUANT_MODES, quantization_spec
 from bit_axon.training.cooling import ThermalPolicy
 from bit_axon.training.lora import AdapterConfig
+from bit_axon.training.orpo_loss import GUIDE_FORM, ORPO_FORMS
 from bit_axon.training.packing import check_max_seq_len
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class TrainingConfig:
     use_dora: bool = AdapterConfig.kind == "dora"
     # ORPO alignment
     beta: float = 0.1
+    orpo_form: str = GUIDE_FORM  # how beta enters the penalty (bit_axon.training.orpo_loss)
     training_mode: str = "sft"
     # Quantization of a float base before the adapters go on
     quantize_bits: int = 4
@@ -120,6 +122,7 @@ class TrainingConfig:
               f"memory_limit_gb must be > 0 (or None), got {self.memory_limit_gb}")
         _owned(lambda: check_max_seq_len(self.max_seq_len), {})
         check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        check(self.orpo_form in ORPO_FORMS, f"orpo_form must be one of {ORPO_FORMS}, got {self.orpo_form!r}")
         check(self.training_mode in TRAINING_MODES,
               f"training_mode must be one of {TRAINING_MODES}, got {self.training_mode!r}")
         check(self.quantize_mode in QUANTIZE_MODES,

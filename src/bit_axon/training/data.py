@@ -4,8 +4,12 @@ Files are JSON Lines (one object per line) or a JSON array of objects, read and 
 :mod:`bit_axon.training.records`. Every record is checked and tokenized when the dataset is built,
 so a bad record stops the run before training starts (``DatasetError`` naming ``file:line``).
 Over-long examples are cut there, the only place they are cut, and counted in a single warning: an SFT example to ``max_seq_len - 1`` tokens (packing puts an
-EOS after it), a preference pair's sequences to ``max_seq_len`` (ORPO does not pack). A dataset
-exposes its tokenizer's ``eos_token_id`` and ``pad_token_id``, which the trainers pack and pad with.
+EOS after it), a preference pair's sequences to ``max_seq_len`` (ORPO does not pack). Records that
+teach nothing (only empty assistant replies, a pair whose chosen and rejected responses are the same,
+an example the cut leaves without answer tokens) are counted in a warning naming the first
+``file:line``; a file of only such records (for the cut: mostly, ``MAX_UNTRAINED_FRACTION``) is
+refused. A dataset exposes its tokenizer's ``eos_token_id`` and ``pad_token_id``, which the trainers
+pack and pad with.
 
 Records are rendered with the tokenizer's own chat template and special tokens (its
 ``chat_pieces``). An SFT item is ``(token_ids, loss_mask)``: ``loss_mask[t] == 1`` means token ``t``
@@ -31,6 +35,7 @@ from bit_axon.training.records import (
     Record,
     alpaca_messages,
     detect_format,
+    has_reply_text,
     iter_records,
     orpo_parts,
     read_records,
@@ -133,6 +138,36 @@ def _warn_truncated(path: Path, cut: Sequence[int], records: Sequence[Record], l
         )
 
 
+# Above this share of examples left without a trained token by max_seq_len, a data set is refused.
+MAX_UNTRAINED_FRACTION = 0.5
+
+
+def _check_teachable(path: Path, records: Sequence[Record], useless: Sequence[bool], what: str, why: str) -> None:
+    """Warn with a count about records that teach nothing (``useless``); refuse a file of only those."""
+    count = sum(useless)
+    if count == len(records):
+        raise DatasetError(f"{path}: {count} of {count} records {what}: {why}, so there is nothing to train on")
+    if count:
+        first = records[useless.index(True)].where
+        logger.warning("%s: %d of %d records %s: %s (first: %s)", path, count, len(records), what, why, first)
+
+
+def _check_targets_left(path: Path, records: Sequence[Record], examples, cut: Sequence[int], limit: int) -> None:
+    """Refuse a data set where most examples lose every trained token to the cut at ``limit``
+    (their prompts fill it); warn with a count when some do."""
+    lost = [i for i in cut if not any(examples[i][1])]
+    if not lost:
+        return
+    message = (
+        f"{path}: {len(lost)} of {len(records)} examples keep no answer tokens when cut to {limit} tokens "
+        f"(the prompt fills them; first: {records[lost[0]].where})"
+    )
+    remedy = "raise max_seq_len (--max-seq-len) or shorten those prompts"
+    if len(lost) > MAX_UNTRAINED_FRACTION * len(records):
+        raise DatasetError(f"{message}; {remedy}")
+    logger.warning("%s: they teach nothing (%s)", message, remedy)
+
+
 class _TokenizedDataset:
     """What every dataset built from a file and a tokenizer records: where, how long, which special ids."""
 
@@ -153,10 +188,14 @@ class _ChatDataset(_TokenizedDataset):
     def __init__(self, path: str | Path, tokenizer: BaseTokenizer, max_seq_len: int = 2048):
         super().__init__(path, tokenizer, max_seq_len)
         records = read_records(self.path)
-        examples = tokenize_pieces(tokenizer, [tokenizer.chat_pieces(self._messages(r)) for r in records])
+        conversations = [self._messages(r) for r in records]
+        _check_teachable(self.path, records, [not has_reply_text(c) for c in conversations],
+                         "have only empty assistant replies", "nothing to learn from them")
+        examples = tokenize_pieces(tokenizer, [tokenizer.chat_pieces(c) for c in conversations])
         # Room for the EOS that packing appends, so packing never cuts again.
         cut = _truncate(examples, max_seq_len - 1)
         _warn_truncated(self.path, cut, records, max_seq_len - 1, "max_seq_len - 1, room for the packing EOS")
+        _check_targets_left(self.path, records, examples, cut, max_seq_len - 1)
         self.num_truncated = len(cut)
         self._store = _TokenStore(examples)
 
@@ -197,12 +236,15 @@ class ORPODataset(_TokenizedDataset):
     def __init__(self, path: str | Path, tokenizer: BaseTokenizer, max_seq_len: int = 2048):
         super().__init__(path, tokenizer, max_seq_len)
         records = read_records(self.path)
-        chosen_pieces, rejected_pieces = [], []
+        chosen_pieces, rejected_pieces, same = [], [], []
         for record in records:
             prompt, chosen, rejected = orpo_parts(record)
+            same.append(chosen == rejected)
             for response, pieces in ((chosen, chosen_pieces), (rejected, rejected_pieces)):
                 conversation = [*prompt, {"role": "assistant", "content": response}]
                 pieces.append(response_pieces(tokenizer.chat_pieces(conversation)))
+        _check_teachable(self.path, records, same, "have the same chosen and rejected response",
+                         "they teach no preference")
         chosen = tokenize_pieces(tokenizer, chosen_pieces)
         rejected = tokenize_pieces(tokenizer, rejected_pieces)
         cut = sorted(set(_truncate(chosen, max_seq_len)) | set(_truncate(rejected, max_seq_len)))

@@ -41,7 +41,7 @@ class ORPOTrainer(Trainer):
         return (_pad_to_bucket(b, self.pad_token_id) for b in batches)
 
     def loss_terms(self, model: nn.Module, batch: OrpoBatch):
-        losses, metrics = orpo_terms(model, batch, beta=self.config.beta)
+        losses, metrics = orpo_terms(model, batch, beta=self.config.beta, form=self.config.orpo_form)
         weight = mx.array(float(losses.shape[0]))
         return losses.sum(), weight, {k: v.sum() for k, v in metrics.items()}
 

@@ -69,12 +69,27 @@ def _as_record(obj: Any, where: str) -> Record:
     return Record(where, obj)
 
 
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DatasetError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {err.start - line_start + 1}); "
+            "save the file as UTF-8"
+        ) from None
+
+
 def iter_records(path: str | Path) -> Iterator[Record]:
     """The JSON objects of a JSON Lines file or of a file holding one JSON array, with their lines."""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{path} is a directory: pass a data file (.jsonl or .json), e.g. one inside it")
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     if text.lstrip().startswith("["):
         yield from _iter_json_array(text, path)
         return
@@ -132,6 +147,11 @@ def sft_messages(record: Record) -> list[dict[str, str]]:
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"{record.where}: conversation has no assistant turn, so nothing to train on")
     return messages
+
+
+def has_reply_text(messages: list[dict[str, str]]) -> bool:
+    """Whether some assistant turn of a conversation says something (not only empty or blank replies)."""
+    return any(m["role"] == "assistant" and m["content"].strip() for m in messages)
 
 
 def alpaca_messages(record: Record) -> list[dict[str, str]]:
