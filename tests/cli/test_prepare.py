@@ -217,3 +217,12 @@ def test_a_bad_record_after_a_blank_line_is_named_by_its_line(tmp_path, datasets
     result = prepare(source, "-o", tmp_path / "out.jsonl")
     assert result.exit_code == 1
     assert one_line(result) == f"{source}:3: conversation has no assistant turn"
+
+
+def test_output_that_is_the_source_is_refused_and_the_source_kept(tmp_path, datasets_offline):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}])
+    before = source.read_bytes()
+    result = prepare(source, "-o", source)
+    assert result.exit_code == 1
+    assert one_line(result) == f"--output {source} is the source file: converting would replace it; choose another --output"
+    assert source.read_bytes() == before

@@ -303,3 +303,14 @@ def test_load_and_merge_errors(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         load_and_merge(other, adapter, tmp_path / "out", lora_rank=4)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_directory_is_named_as_such(tmp_path):
+    import pytest
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match="is a directory: pass the adapter file"):
+        load_and_merge(tmp_path / "base", folder, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="is a directory: pass the adapter file"):
+        load_adapter(small_model(), folder)

@@ -100,6 +100,8 @@ def prepare(
         raise typer.BadParameter(f"expected auto or one of {', '.join(SHAPES)}", param_hint="--format")
     if output.is_dir():
         _fail(f"{output} is a directory: pass the JSONL file to write, e.g. -o {output / 'train.jsonl'}")
+    if Path(source).expanduser().resolve() == output.expanduser().resolve():
+        _fail(f"--output {output} is the source file: converting would replace it; choose another --output")
     rows = _load_rows(source, split, subset)
     shape = None if format == "auto" else format
     lines: list[str] = []

@@ -61,10 +61,19 @@ def _adapter_parameter_names() -> set[str]:
     return {name for cls in ADAPTER_KINDS.values() for name in cls.parameter_names}
 
 
-def _read_adapter_tensors(path: Path) -> tuple[dict[str, dict[str, mx.array]], dict[str, str]]:
-    """``{layer path: {parameter name: tensor}}`` and the metadata of the adapter file at ``path``."""
+def check_adapter_file(path: str | Path) -> Path:
+    """``path`` as a Path when it is a file; a clear ``FileNotFoundError`` (missing, or a directory) else."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a directory: pass the adapter file (*.safetensors) inside it")
     if not path.is_file():
         raise FileNotFoundError(f"Adapter file not found: {path}")
+    return path
+
+
+def _read_adapter_tensors(path: Path) -> tuple[dict[str, dict[str, mx.array]], dict[str, str]]:
+    """``{layer path: {parameter name: tensor}}`` and the metadata of the adapter file at ``path``."""
+    check_adapter_file(path)
     try:
         tensors, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except (RuntimeError, ValueError) as err:

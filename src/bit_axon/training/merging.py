@@ -14,7 +14,7 @@ from bit_axon.quantization import (
     quantization_spec,
     quantize_model,
 )
-from bit_axon.training.checkpoint import load_adapter
+from bit_axon.training.checkpoint import check_adapter_file, load_adapter
 from bit_axon.training.lora import AdapterConfig, adapter_config, adapter_layers
 
 import mlx.nn as nn
@@ -75,9 +75,7 @@ def load_and_merge(
     ``quantize_after_merge``, everything is saved in full precision (a quantized base is
     dequantized). Returns ``output_dir``.
     """
-    base_model_path, adapter_path = Path(base_model_path), Path(adapter_path)
-    if not adapter_path.is_file():
-        raise FileNotFoundError(f"Adapter file not found: {adapter_path}")
+    base_model_path, adapter_path = Path(base_model_path), check_adapter_file(adapter_path)
     model = load_model(base_model_path)
     load_adapter(model, adapter_path)  # on the base as it is, so its record of the base can be checked
     rank = adapter_config(model).rank
