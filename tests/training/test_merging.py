@@ -306,8 +306,6 @@ def test_load_and_merge_errors(tmp_path):
 
 
 def test_an_adapter_directory_is_named_as_such(tmp_path):
-    import pytest
-
     folder = tmp_path / "adapter"
     folder.mkdir()
     with pytest.raises(FileNotFoundError, match="is a directory: pass the adapter file"):
