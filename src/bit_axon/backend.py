@@ -26,6 +26,7 @@ import contextlib
 import functools
 import logging
 import os
+import platform
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -102,9 +103,16 @@ class Backend:
             _log_cpu_fast_path_off()
         return self.cpu_dequant
 
-    def dequantize_route(self, rows: int) -> bool:
-        """Whether ``x @ W.T`` for a quantized W and ``rows`` input rows dequantizes W first."""
-        return self.cpu_fast_path() and rows >= self.min_dequant_rows
+    def dequantize_route(self, rows: int, half_scales: bool = False) -> bool:
+        """Whether ``x @ W.T`` for a quantized W and ``rows`` input rows dequantizes W first.
+
+        ``half_scales`` (float16 scales): at any row count on x86, where MLX's CPU quantized
+        kernels do float16 arithmetic in software, many times slower than dequantizing with the
+        compiled kernel (bench/README.md, "SmolLM2-135M-Instruct" under training throughput).
+        """
+        if not self.cpu_fast_path():
+            return False
+        return rows >= self.min_dequant_rows or (half_scales and platform.machine().lower() in ("x86_64", "amd64"))
 
     def expert_block_rows(self, num_pairs: int, num_experts: int) -> int:
         """Rows per block for the blocked expert layout, or 0 for one gathered matmul row per pair.

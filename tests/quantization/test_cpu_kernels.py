@@ -67,6 +67,26 @@ def test_affine_kernel_is_the_mlx_ops_and_mx_dequantize_bit_for_bit(kernels, dty
     _equal(out, mx.dequantize(*q, 64, bits))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_kernels_write_float32_directly_with_the_same_values(kernels, dtype, bits, group_size):
+    """``dtype=mx.float32``: the values of the scales' dtype, widened (float16 scales take the
+    vectorised F16C loop on x86; extreme scales check its roundings and subnormals)."""
+    w = _gaussian((5, 9, 256), seed=11) * mx.array([1e-6, 1e-3, 1.0, 30.0, 2000.0])[:, None, None]
+    q = [a[:, 1:8] for a in mx.quantize(w.astype(dtype), group_size, bits)]
+    expected = affine_dequantize_ops(*q, group_size, bits)
+    _equal(kernels.affine_dequantize(*q, bits), expected)
+    _equal(kernels.affine_dequantize(*q, bits, dtype=mx.float32), expected.astype(mx.float32))
+    _equal(affine_dequantize(*q, group_size, bits, dtype=mx.float32), expected.astype(mx.float32))
+    packed, scales = nf4_quantize(w.astype(dtype), group_size)
+    expected = nf4_dequantize_ops(packed, scales)
+    _equal(kernels.nf4_dequantize(packed, scales, dtype=mx.float32), expected.astype(mx.float32))
+    _equal(nf4_dequantize(packed, scales, dtype=mx.float32), expected.astype(mx.float32))
+    with pytest.raises(ValueError, match="the scales' dtype or float32"):
+        kernels.nf4_dequantize(packed, scales, dtype=mx.int32)
+
+
 def test_kernels_read_strided_and_broadcast_inputs(kernels):
     """Tiles are slices of output rows across a stack of experts (not contiguous); transposes and
     broadcasts are strided too."""
@@ -87,8 +107,8 @@ def test_library_functions_take_the_kernels_on_the_cpu_fast_path(kernels, monkey
     packed, scales = nf4_quantize(_gaussian((8, 64), seed=5))
     q = mx.quantize(_gaussian((8, 64), seed=6), 64, 4)
     calls = []
-    monkeypatch.setattr(kernels, "nf4_dequantize", lambda *a: calls.append("nf4") or nf4_dequantize_ops(*a))
-    monkeypatch.setattr(kernels, "affine_dequantize", lambda *a: calls.append("affine") or mx.dequantize(*a[:3]))
+    monkeypatch.setattr(kernels, "nf4_dequantize", lambda *a, **_: calls.append("nf4") or nf4_dequantize_ops(*a))
+    monkeypatch.setattr(kernels, "affine_dequantize", lambda *a, **_: calls.append("affine") or mx.dequantize(*a[:3]))
     nf4_dequantize(packed, scales)
     affine_dequantize(*q, 64, 4)
     assert calls == ["nf4", "affine"]
@@ -209,5 +229,5 @@ class _Tampered:
         self.affine_dequantize = module.affine_dequantize
         self._nf4 = module.nf4_dequantize
 
-    def nf4_dequantize(self, packed, scales):
-        return self._nf4(packed, scales) * 1.0001
+    def nf4_dequantize(self, packed, scales, dtype=None):
+        return self._nf4(packed, scales, dtype=dtype) * 1.0001

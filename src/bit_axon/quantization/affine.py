@@ -17,7 +17,7 @@ import bit_axon.quantization.cpu_kernels as cpu_kernels
 from bit_axon.backend import settings
 from bit_axon.layers.moe import SwitchLinear
 from bit_axon.quantization import base
-from bit_axon.quantization.codes import affine_dequantize_ops, unpackable
+from bit_axon.quantization.codes import affine_dequantize_ops, cast, unpackable
 from bit_axon.quantization.fast_path import (
     after,
     calls,
@@ -34,23 +34,30 @@ AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 
 
 def affine_dequantize(
-    w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    group_size: int,
+    bits: int,
+    dtype: mx.Dtype | None = None,
 ) -> mx.array:
-    """``mx.dequantize`` of MLX's affine format: on the CPU fast path the compiled kernel of
-    ``cpu_kernels`` where it loads, else :func:`affine_dequantize_ops` (the same values)."""
+    """``mx.dequantize`` of MLX's affine format, in ``dtype`` (default: the scales'): on the CPU fast
+    path the compiled kernel of ``cpu_kernels`` where it loads, else :func:`affine_dequantize_ops`
+    (the same values). The kernel writes float32 directly, without a conversion pass."""
     usable = settings().cpu_fast_path() and unpackable(w, scales, group_size, bits)
     kernels = cpu_kernels.load() if usable else None
     if kernels is not None:
-        return kernels.affine_dequantize(w, scales, biases, bits)
-    return affine_dequantize_ops(w, scales, biases, group_size, bits)
+        direct = cpu_kernels.output_dtype(dtype, scales)
+        return cast(kernels.affine_dequantize(w, scales, biases, bits, dtype=direct), dtype)
+    return cast(affine_dequantize_ops(w, scales, biases, group_size, bits), dtype)
 
 
 @functools.cache
 def affine_dequantizer(group_size: int, bits: int) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
     """``affine_dequantize`` with the format bound: one function object per format (a cache key)."""
 
-    def dequantize(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-        return affine_dequantize(w, scales, biases, group_size, bits)
+    def dequantize(w: mx.array, scales: mx.array, biases: mx.array, dtype: mx.Dtype | None = None) -> mx.array:
+        return affine_dequantize(w, scales, biases, group_size, bits, dtype)
 
     return dequantize
 
@@ -59,8 +66,8 @@ def affine_dequantizer(group_size: int, bits: int) -> Callable[[mx.array, mx.arr
 def mlx_dequantizer(group_size: int, bits: int, mode: str) -> Callable[..., mx.array]:
     """``mx.dequantize`` in any of MLX's modes with the format bound (a cache key), biases optional."""
 
-    def dequantize(w: mx.array, scales: mx.array, *biases: mx.array) -> mx.array:
-        return mx.dequantize(w, scales, biases[0] if biases else None, group_size, bits, mode=mode)
+    def dequantize(w: mx.array, scales: mx.array, *biases: mx.array, dtype: mx.Dtype | None = None) -> mx.array:
+        return cast(mx.dequantize(w, scales, biases[0] if biases else None, group_size, bits, mode=mode), dtype)
 
     return dequantize
 
@@ -75,7 +82,7 @@ def affine_matmul(
     mode: str = "affine",
 ) -> mx.array:
     """``x @ W.T`` for a quantized W (``mx.quantized_matmul(..., transpose=True)``), CPU-routed."""
-    if mode == "affine" and biases is not None and wants_dequant(x):
+    if mode == "affine" and biases is not None and wants_dequant(x, scales):
         calls["affine"] += 1
         return dequantized_matmul(affine_dequantizer(group_size, bits))(x, w, scales, biases)
     return mx.quantized_matmul(
@@ -216,10 +223,10 @@ class AffineLinear(MLXQuantizedLinear):
 
     def matmul_and_weight(self, x: mx.array) -> tuple[mx.array, mx.array]:
         layer = self.layer
-        if layer.mode != "affine" or not wants_dequant(x):
+        if layer.mode != "affine" or not wants_dequant(x, layer["scales"]):
             return super().matmul_and_weight(x)
         params = (layer["weight"], layer["scales"], layer["biases"])
-        w = affine_dequantize(*after(x, *params), layer.group_size, layer.bits)
+        w = affine_dequantize(*after(x, *params), layer.group_size, layer.bits, dtype=x.dtype)
         return shared_dense_matmul(x, w, affine_dequantizer(layer.group_size, layer.bits), *params), w
 
 

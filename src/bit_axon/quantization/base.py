@@ -192,9 +192,9 @@ def register_format(fmt: QuantFormat) -> QuantFormat:
 # --- float layers ----------------------------------------------------------------------------
 
 
-def float_rows(weight: mx.array) -> mx.array:
-    """The row dequantizer of a float weight: the rows themselves."""
-    return weight
+def float_rows(weight: mx.array, dtype: mx.Dtype | None = None) -> mx.array:
+    """The row dequantizer of a float weight: the rows themselves (in ``dtype`` if given)."""
+    return weight if dtype is None or weight.dtype == dtype else weight.astype(dtype)
 
 
 class _FloatBase(BaseLayer):

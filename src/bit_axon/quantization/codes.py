@@ -152,6 +152,11 @@ def affine_dequantize_ops(
     return mx.dequantize(w, scales, biases, group_size, bits)
 
 
+def cast(x: mx.array, dtype: mx.Dtype | None) -> mx.array:
+    """``x`` in ``dtype`` (``x`` itself when ``dtype`` is None or already its dtype)."""
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
 def unpackable(w: mx.array, scales: mx.array, group_size: int, bits: int) -> bool:
     """Whether codes split evenly into words (2, 4, 8 bits) and the shapes agree with ``group_size``."""
     return bits in (2, 4, 8) and w.shape[-1] == scales.shape[-1] * (group_size * bits // 32)

@@ -146,20 +146,44 @@ def _import(path: Path) -> ModuleType:
     return module
 
 
+def output_dtype(dtype: mx.Dtype | None, scales: mx.array) -> mx.Dtype | None:
+    """The kernels' ``dtype`` argument for a wanted output dtype: it when they write it (the scales'
+    dtype or float32, the same values widened), else None (the caller casts the result)."""
+    return dtype if dtype is not None and dtype in (mx.float32, scales.dtype) else None
+
+
+def _dtypes(scales: mx.Dtype, out: mx.Dtype | None) -> str:
+    return str(scales) if out is None else f"{scales}, written as {out}"
+
+
+def _same(got: mx.array, expected: mx.array) -> bool:
+    return got.dtype == expected.dtype and mx.array_equal(got, expected).item()
+
+
 def self_check(module: ModuleType) -> None:
-    """Both kernels against the MLX ops, bit for bit, on strided inputs in each float dtype."""
+    """Both kernels against the MLX ops, bit for bit, on strided inputs in each float dtype, with
+    the output in the scales' dtype and in float32, in groups of 32 and 64."""
     with mx.stream(mx.cpu):
         w = mx.random.normal((3, 8, 128), key=mx.random.key(0))
         for dtype in (mx.float32, mx.bfloat16, mx.float16):
-            packed, scales = nf4_quantize(w.astype(dtype), 64)
-            packed, scales = packed[:, 2:7], scales[:, 2:7]  # a strided slice, as the tiles are
-            if not mx.array_equal(module.nf4_dequantize(packed, scales), nf4_dequantize_ops(packed, scales)):
-                raise KernelBuildError(f"the NF4 kernel differs from the MLX ops ({dtype})")
-            for bits in (2, 4, 8):
-                q = mx.quantize(w.astype(dtype), group_size=64, bits=bits)
-                q = [a[:, 2:7] for a in q]
-                if not mx.array_equal(module.affine_dequantize(*q, bits), affine_dequantize_ops(*q, 64, bits)):
-                    raise KernelBuildError(f"the {bits}-bit affine kernel differs from the MLX ops ({dtype})")
+            for group_size in (32, 64):
+                packed, scales = nf4_quantize(w.astype(dtype), group_size)
+                packed, scales = packed[:, 2:7], scales[:, 2:7]  # a strided slice, as the tiles are
+                expected = nf4_dequantize_ops(packed, scales)
+                for out in (None, mx.float32):
+                    got = module.nf4_dequantize(packed, scales, dtype=out)
+                    if not _same(got, expected if out is None else expected.astype(out)):
+                        raise KernelBuildError(f"the NF4 kernel differs from the MLX ops ({_dtypes(dtype, out)})")
+                for bits in (2, 4, 8):
+                    q = mx.quantize(w.astype(dtype), group_size=group_size, bits=bits)
+                    q = [a[:, 2:7] for a in q]
+                    expected = affine_dequantize_ops(*q, group_size, bits)
+                    for out in (None, mx.float32):
+                        got = module.affine_dequantize(*q, bits, dtype=out)
+                        if not _same(got, expected if out is None else expected.astype(out)):
+                            raise KernelBuildError(
+                                f"the {bits}-bit affine kernel differs from the MLX ops ({_dtypes(dtype, out)})"
+                            )
 
 
 @functools.cache

@@ -55,9 +55,10 @@ def after(trigger: mx.array, *qparams: mx.array) -> list[mx.array]:
     return [mx.stop_gradient(q) for q in mx.depends(list(qparams), [trigger])]
 
 
-def wants_dequant(x: mx.array) -> bool:
-    """Route ``x @ W.T`` for a quantized W through dequantize + float matmul (CPU, enough rows)."""
-    return settings().dequantize_route(rows(x))
+def wants_dequant(x: mx.array, scales: mx.array | None = None) -> bool:
+    """Route ``x @ W.T`` for a quantized W through dequantize + float matmul (CPU, enough rows, or
+    any rows with float16 ``scales``: ``Backend.dequantize_route``)."""
+    return settings().dequantize_route(rows(x), half_scales=scales is not None and scales.dtype == mx.float16)
 
 
 # --- dequantize-then-matmul, any format ------------------------------------------------------
@@ -90,9 +91,9 @@ def weight_tiles(out_dims: int, row_values: int, output_rows: int) -> list[tuple
 
 
 def _dequantize_after(dequantize: Callable[..., mx.array], trigger: mx.array, qparams) -> mx.array:
-    """The float weight, rebuilt once ``trigger`` exists (``after``) and cast to its dtype (all
-    tiles of one product share a dtype: the first trigger is its input, the next ones its outputs)."""
-    return dequantize(*after(trigger, *qparams)).astype(trigger.dtype)
+    """The float weight, rebuilt once ``trigger`` exists (``after``) in its dtype (all tiles of one
+    product share a dtype: the first trigger is its input, the next ones its outputs)."""
+    return dequantize(*after(trigger, *qparams), dtype=trigger.dtype)
 
 
 @functools.cache
@@ -163,7 +164,8 @@ def dequantized_matmul(dequantize: Callable[..., mx.array]):
     The backward pass (gradient w.r.t. x only: base weights are frozen) rebuilds W rather than
     keeping it, and ``after`` keeps ``mx.compile`` from merging the two dequantizations back into
     one W that would live from forward to backward. ``dequantize`` must be a module-level function
-    or come from a cached factory (it keys this cache).
+    or come from a cached factory (it keys this cache), and take a ``dtype`` keyword (the float
+    weight's dtype: the formats' kernels write float32 directly).
     """
 
     def weight_of(x, qparams) -> _TiledWeight:

@@ -19,6 +19,7 @@ from bit_axon.quantization import base
 from bit_axon.quantization.codes import (
     CODES_PER_WORD,
     NF4_CODEBOOK,
+    cast,
     nf4_dequantize_ops,
     nf4_quantize,
     nf4_unpack,
@@ -47,16 +48,17 @@ __all__ = [
 ]
 
 
-def nf4_dequantize(packed: mx.array, scales: mx.array) -> mx.array:
-    """Codes (..., in / 8) and scales (..., in / group) -> weights (..., in) in the scales' dtype.
+def nf4_dequantize(packed: mx.array, scales: mx.array, dtype: mx.Dtype | None = None) -> mx.array:
+    """Codes (..., in / 8) and scales (..., in / group) -> weights (..., in) in ``dtype`` (default:
+    the scales' dtype).
 
     The group size is implied by the shapes, so it cannot disagree with how the weight was quantized.
     On the CPU fast path this is the compiled kernel of ``cpu_kernels`` where it loads (the same
     values as :func:`nf4_dequantize_ops`, several times faster).
     """
     if settings().cpu_fast_path() and (kernels := cpu_kernels.load()) is not None:
-        return kernels.nf4_dequantize(packed, scales)
-    return nf4_dequantize_ops(packed, scales)
+        return cast(kernels.nf4_dequantize(packed, scales, dtype=cpu_kernels.output_dtype(dtype, scales)), dtype)
+    return cast(nf4_dequantize_ops(packed, scales), dtype)
 
 
 def nf4_matmul(x: mx.array, packed: mx.array, scales: mx.array) -> mx.array:
@@ -242,7 +244,7 @@ class NF4LinearBase(_NF4Base):
         return nf4_matmul(x, self.layer["weight"], self.layer["scales"])
 
     def matmul_and_weight(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        w = nf4_dequantize(*after(x, self.layer["weight"], self.layer["scales"]))
+        w = nf4_dequantize(*after(x, self.layer["weight"], self.layer["scales"]), dtype=x.dtype)
         return shared_dense_matmul(x, w, nf4_dequantize, self.layer["weight"], self.layer["scales"]), w
 
     def quantize_like(self, linear: nn.Linear) -> nn.Module:

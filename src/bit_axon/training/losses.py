@@ -151,7 +151,7 @@ def _online_softmax(
         if state is not None:
             # (The dependency is for ordering only: no gradient flows through it into the codes.)
             rows = [mx.stop_gradient(r) for r in mx.depends(rows, [state])]
-        wc = dequantize(*rows).astype(mx.float32)
+        wc = dequantize(*rows, dtype=mx.float32)
         logits = h.astype(mx.float32) @ wc.T
         top = logits.max(axis=-1, keepdims=True)
         if state is not None:
@@ -175,7 +175,7 @@ def _row_losses(
 ):
     """Per-row cross-entropy, row sums, (optionally) ``s * softmax @ W`` and the target rows of W."""
     m, s, acc = _online_softmax(h, dequantize, params, with_grad)
-    target_w = dequantize(*(p[targets] for p in params)).astype(mx.float32)
+    target_w = dequantize(*(p[targets] for p in params), dtype=mx.float32)
     target_logit = (h.astype(mx.float32) * target_w).sum(axis=-1)
     return m + mx.log(s) - target_logit, s, acc, target_w
 
