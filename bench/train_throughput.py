@@ -1,18 +1,29 @@
 """Training throughput of Bit-Axon's ``Trainer`` against mlx-lm's ``tuner.trainer.train``, in one run.
 
-Both train the same model (``BitAxonConfig.small()``, full Qwen2.5 vocabulary, 4-bit base, the
-same LoRA/DoRA adapters from the same seed) on the same tokens (``examples/sft.jsonl`` through
-``SFTDataset`` and the bundled tokenizer) for the same number of optimizer steps, one batch each.
-They differ where the trainers differ: Bit-Axon packs examples into ``--seq-len`` rows and runs the
-vocabulary head on target positions only; mlx-lm pads each batch of ``--batch-size`` examples to
-its longest one and computes logits everywhere (prompt masked from ``offset``, its ``mask_prompt``
-semantics: the offset is the first token our loss mask trains on).
+Two models (``--model``):
+
+- ``small`` (default): ``BitAxonConfig.small()`` (full Qwen2.5 vocabulary), quantized to a 4-bit base,
+  the same LoRA/DoRA adapters from the same seed for both trainers, on ``examples/sft.jsonl``
+  through ``SFTDataset`` and the bundled tokenizer;
+- ``smollm2``: the offline default SmolLM2-135M-Instruct (Q4_1 GGUF). Ours is the model as
+  ``bit_axon.loading.load_model`` loads it, with our adapters; mlx-lm's is its own
+  ``mlx_lm.models.llama.Model`` built from the same GGUF weights with the same base quantization
+  (MLX's own quantized layers and kernels) and its own adapters (``linear_to_lora_layers``: the
+  same rank, scale and target layers), on ``examples/tickets.jsonl`` rendered by the model's chat
+  template.
+
+Both trainers run the same number of optimizer steps, one batch each. They differ where the
+trainers differ: Bit-Axon packs examples into ``--seq-len`` rows and runs the vocabulary head on
+target positions only; mlx-lm pads each batch of ``--batch-size`` examples to its longest one and
+computes logits everywhere (prompt masked from ``offset``, its ``mask_prompt`` semantics: the offset
+is the first token our loss mask trains on).
 
 Printed: tokens/s of real tokens (the examples' own tokens: no padding, no packing separators)
 over the steady-state steps (see ``StepClock``), peak memory of each run, their ratios, and an
 MFU-style ratio (see ``matmul_flops``).
 
     python bench/train_throughput.py --steps 16 --batch-size 4 --seq-len 512 --dora --quant nf4
+    python bench/train_throughput.py --model smollm2 --steps 24 --batch-size 4 --seq-len 128 --dora
 """
 
 from __future__ import annotations
@@ -31,12 +42,15 @@ import bit_axon  # noqa: F401  (must load the fast BLAS before mlx is imported)
 # isort: on
 from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.blas import blas_in_use
+from bit_axon.loading import load_model, load_tokenizer
 from bit_axon.quantization import quantize_model
+from bit_axon.sources import default_model_path, read_gguf
+from bit_axon.sources.pretrained import infer_quantization, load_weights_strict, quantize_like
 from bit_axon.tokenizer import QwenTokenizerWrapper
 from bit_axon.training.collate import iterate_batches
 from bit_axon.training.config import TrainingConfig
 from bit_axon.training.data import SFTDataset
-from bit_axon.training.lora import apply_lora_to_model
+from bit_axon.training.lora import LORA_TARGET_NAMES, apply_lora_to_model
 from bit_axon.training.losses import gather_targets
 from bit_axon.training.scheduler import cosine_with_warmup
 from bit_axon.training.trainer import Trainer
@@ -50,14 +64,55 @@ from mlx.utils import tree_flatten
 LORA_RANK, LORA_SCALE, LEARNING_RATE, SEED = 8, 20.0, 1e-4, 0
 
 
-def build_model(quant: str, dora: bool) -> BitAxonModel:
+def build_model(args: argparse.Namespace) -> nn.Module:
+    """Our model with our adapters: the small Bit-Axon model (quantized to ``--quant``), or SmolLM2
+    as loaded (its Q4_1 base kept)."""
     mx.random.seed(SEED)
-    model = BitAxonModel(BitAxonConfig.small())
-    if quant != "none":
-        quantize_model(model, bits=4, group_size=64, mode=quant)
-    apply_lora_to_model(model, rank=LORA_RANK, dropout=0.0, scale=LORA_SCALE, use_dora=dora)
+    if args.model == "smollm2":
+        model = load_model(default_model_path())
+    else:
+        model = BitAxonModel(BitAxonConfig.small())
+        if args.quant != "none":
+            quantize_model(model, bits=4, group_size=64, mode=args.quant)
+    apply_lora_to_model(model, rank=LORA_RANK, dropout=0.0, scale=LORA_SCALE, use_dora=args.dora)
     mx.eval(model.parameters())
     return model
+
+
+def build_mlx_lm_model(args: argparse.Namespace) -> nn.Module:
+    """mlx-lm's side: the small model behind mlx-lm's interface (our adapters, as there is no mlx-lm
+    class for it), or mlx-lm's own Llama from the SmolLM2 GGUF weights with mlx-lm's adapters."""
+    if args.model != "smollm2":
+        return LmModel(build_model(args))
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    config, weights, _ = read_gguf(default_model_path())
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    weights = model.sanitize(weights)
+    # The same formats as loaded (affine 4-bit projections, 8-bit embedding), as MLX's own layers.
+    quantize_like(model, infer_quantization(model, weights), weights)
+    load_weights_strict(model, weights, "the GGUF weights")
+    model.freeze()
+    mx.random.seed(SEED)
+    keys = [path for path, _ in model.layers[0].named_modules() if path.rsplit(".", 1)[-1] in LORA_TARGET_NAMES]
+    lora = {"rank": LORA_RANK, "scale": LORA_SCALE, "dropout": 0.0, "keys": keys}
+    linear_to_lora_layers(model, len(model.layers), lora, use_dora=args.dora)
+    mx.eval(model.parameters())
+    return model
+
+
+def adapter_weights(model: nn.Module) -> float:
+    return float(sum(p.size for name, p in tree_flatten(model.trainable_parameters()) if name.endswith(("lora_a", "lora_b"))))
+
+
+def pretrained_matmul_flops(model: nn.Module) -> tuple[float, float, float]:
+    """``matmul_flops`` for a Llama-family model whose every matmul weight carries an adapter: the
+    frozen weights are the adapted layers' (in x out, read off ``lora_a`` and ``lora_b``), the head
+    the tied embedding (vocab x hidden)."""
+    frozen = sum(m.lora_a.shape[0] * m.lora_b.shape[1] for _, m in model.named_modules() if "lora_a" in m)
+    vocab, hidden = model.args.vocab_size, model.args.hidden_size
+    return float(frozen), adapter_weights(model), float(vocab * hidden)
 
 
 def matmul_flops(model: BitAxonModel) -> tuple[float, float, float]:
@@ -78,10 +133,7 @@ def matmul_flops(model: BitAxonModel) -> tuple[float, float, float]:
     frozen = 2 * S * H
     for block in model.blocks:
         frozen += ("ssm" in block) * ssm + ("attention" in block) * 4 * H * H + ("moe" in block) * moe
-    adapter = sum(
-        p.size for name, p in tree_flatten(model.trainable_parameters()) if name.endswith(("lora_a", "lora_b"))
-    )
-    return float(frozen), float(adapter), float(S * c.vocab_size)
+    return float(frozen), adapter_weights(model), float(S * c.vocab_size)
 
 
 def peak_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -152,7 +204,7 @@ class TimedTrainer(Trainer):
 
 
 def run_ours(dataset, args, clock: StepClock) -> float:
-    model = build_model(args.quant, args.dora)
+    model = build_model(args)
     with tempfile.TemporaryDirectory() as out:
         config = TrainingConfig(
             learning_rate=LEARNING_RATE, warmup_steps=min(args.warmup, args.steps), max_steps=args.steps,
@@ -194,7 +246,7 @@ def run_mlx_lm(dataset, args, clock: StepClock) -> float:
             clock.record(int(spans[:, 1].sum()), int((spans[:, 1] - spans[:, 0]).sum()), batch.shape)
             yield batch, lengths
 
-    model = LmModel(build_model(args.quant, args.dora))
+    model = build_mlx_lm_model(args)
     optimizer = optim.AdamW(
         learning_rate=cosine_with_warmup(LEARNING_RATE, min(args.warmup, args.steps), args.steps), weight_decay=0.01
     )
@@ -214,6 +266,7 @@ def run_mlx_lm(dataset, args, clock: StepClock) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("small", "smollm2"), default="small")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of tokens/s")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -223,15 +276,20 @@ def main() -> None:
     kind.add_argument("--lora", dest="dora", action="store_false")
     parser.add_argument("--quant", choices=("nf4", "affine", "none"), default="nf4")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the two trainers this many times")
-    parser.add_argument("--data", default="examples/sft.jsonl")
+    parser.add_argument("--data", help="default: examples/sft.jsonl (small), examples/tickets.jsonl (smollm2)")
     args = parser.parse_args()
 
-    dataset = SFTDataset(args.data, QwenTokenizerWrapper(), max_seq_len=args.seq_len)
-    frozen, adapter, head = matmul_flops(build_model(args.quant, args.dora))
+    if args.model == "smollm2":
+        tokenizer, data, flops_of = load_tokenizer(default_model_path()), "examples/tickets.jsonl", pretrained_matmul_flops
+    else:
+        tokenizer, data, flops_of = QwenTokenizerWrapper(), "examples/sft.jsonl", matmul_flops
+    dataset = SFTDataset(args.data or data, tokenizer, max_seq_len=args.seq_len)
+    frozen, adapter, head = flops_of(build_model(args))
     gc.collect()
+    base = "GGUF Q4_1 (as loaded)" if args.model == "smollm2" else args.quant
     print(
-        f"BLAS: {blas_in_use()}; {len(dataset)} examples; {'DoRA' if args.dora else 'LoRA'} r{LORA_RANK}, "
-        f"base {args.quant}; batch {args.batch_size}, seq-len {args.seq_len}, {args.steps} steps "
+        f"BLAS: {blas_in_use()}; model {args.model}; {len(dataset)} examples; {'DoRA' if args.dora else 'LoRA'} "
+        f"r{LORA_RANK}, base {base}; batch {args.batch_size}, seq-len {args.seq_len}, {args.steps} steps "
         f"({args.warmup} warm-up)"
     )
     peak_flops = peak_matmul_flops()
