@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bit_axon.cli.options import parameter_defaults
@@ -48,5 +49,14 @@ def merge(
     except OSError as err:  # the write: a full disk, no permission
         typer.echo(write_error(err, output), err=True)
         raise typer.Exit(1) from None
-    precision = f"{bits}-bit (group {group_size})" if re_quantize else "full-precision"
-    console.print(f"Saved {precision} merged model to {out}")
+    console.print(f"Saved {_saved_format(out)} merged model to {out}")
+
+
+def _saved_format(out: Path) -> str:
+    """What the written config.json says the weights are (a GGUF base's mixed formats are kept)."""
+    config = json.loads((out / "config.json").read_text())
+    spec = config.get("bit_axon_quantization") or config.get("quantization")
+    if not spec:
+        return "full-precision"
+    mixed = " (per-layer formats of the base kept)" if any(isinstance(v, dict) for v in spec.values()) else ""
+    return f"{spec.get('mode', 'affine')} {spec['bits']}-bit (group {spec['group_size']}){mixed}"
