@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bit_axon.cli.options import parameter_defaults
-from bit_axon.cli.paths import OVERWRITE_FLAG, check_output_dir, write_error
+from bit_axon.cli.paths import OVERWRITE_FLAG, check_output_dir, one_line_errors
 from bit_axon.training.merging import load_and_merge
 
 import typer
@@ -31,7 +31,7 @@ def merge(
 ) -> None:
     """Merge a LoRA/DoRA adapter into a base model."""
     console = Console(stderr=True)
-    try:
+    with one_line_errors(output):
         check_output_dir(output, inputs=[base], overwrite=overwrite)
         with console.status(f"Merging {adapter} into {base}"):
             out = load_and_merge(
@@ -43,12 +43,6 @@ def merge(
                 group_size=group_size,
                 lora_rank=lora_rank,
             )
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"Error: {err}", err=True)
-        raise typer.Exit(1) from None
-    except OSError as err:  # the write: a full disk, no permission
-        typer.echo(write_error(err, output), err=True)
-        raise typer.Exit(1) from None
     console.print(f"Saved {_saved_format(out)} merged model to {out}")
 
 

@@ -7,9 +7,12 @@ do, never a traceback at the end of the work, and never a write over the input's
 
 from __future__ import annotations
 
+import contextlib
 import errno
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import typer
 
 OVERWRITE_FLAG = "--overwrite"
 
@@ -61,3 +64,17 @@ def write_error(err: OSError, output: Path) -> str:
     """The one-line message for an OS error while writing a command's output."""
     cause = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
     return f"Error: could not write {output} ({cause}); free some space or choose another --output"
+
+
+@contextlib.contextmanager
+def one_line_errors(output: Path) -> Iterator[None]:
+    """A command body whose expected failures end in one ``Error: ...`` line and exit status 1:
+    bad input (``FileNotFoundError``, ``ValueError``) as its message, an OS error as a write error."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as err:  # the write: a full disk, no permission
+        typer.echo(write_error(err, output), err=True)
+        raise typer.Exit(1) from None

@@ -6,7 +6,7 @@ from enum import Enum
 from pathlib import Path
 
 from bit_axon.cli.options import parameter_defaults
-from bit_axon.cli.paths import OVERWRITE_FLAG, check_output_dir, write_error
+from bit_axon.cli.paths import OVERWRITE_FLAG, check_output_dir, one_line_errors
 from bit_axon.loading import load_model, save_model
 from bit_axon.quantization import AFFINE_BITS, GROUP_SIZES, QUANT_MODES, base_quantization, quantize_model
 
@@ -33,7 +33,7 @@ def quantize(
 ) -> None:
     """Quantize a model's linear, expert and embedding weights."""
     console = Console(stderr=True)
-    try:
+    with one_line_errors(output):
         check_output_dir(output, inputs=[model_path], overwrite=overwrite)
         with console.status(f"Loading {model_path}"):
             model = load_model(model_path)
@@ -47,10 +47,4 @@ def quantize(
         with console.status(f"Quantizing ({mode.value}, {bits}-bit, group {group_size})"):
             quantize_model(model, bits=bits, group_size=group_size, mode=mode.value)
             save_model(model, output)
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"Error: {err}", err=True)
-        raise typer.Exit(1) from None
-    except OSError as err:  # the write: a full disk, no permission
-        typer.echo(write_error(err, output), err=True)
-        raise typer.Exit(1) from None
     console.print(f"Saved {mode.value} {bits}-bit (group {group_size}) model to {output}")
