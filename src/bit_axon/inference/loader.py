@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bit_axon.backend import on_cpu
 from bit_axon.config import BitAxonConfig
 from bit_axon.loading import check_tokenizer_fits, load_model, load_tokenizer
 from bit_axon.model import BitAxonModel
@@ -23,7 +24,7 @@ __all__ = ["default_dtype", "load", "load_for_inference", "open_model", "ready_f
 
 def default_dtype() -> mx.Dtype | None:
     """float32 on the CPU (MLX's CPU backend sends only float32 matmuls through BLAS), else as stored."""
-    return mx.float32 if mx.default_device() == mx.cpu else None
+    return mx.float32 if on_cpu() else None
 
 
 def ready_for_inference(model: nn.Module, adapter_path: str | Path | None = None) -> nn.Module:
