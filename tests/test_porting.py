@@ -248,9 +248,8 @@ def timed_download(*args):
 
 
 def test_download_offline_fails_fast(monkeypatch, tmp_path, no_snapshot):
-    import bit_axon.cli.download as download
 
-    monkeypatch.setattr(download, "hub_reachable", lambda timeout: False)
+    monkeypatch.setattr("bit_axon.tokenizer.hub_reachable", lambda timeout: False)
     result, seconds = timed_download("Qwen/Qwen2.5-3B", "-d", str(tmp_path / "q"))
     assert seconds < 2
     assert_one_line_error(result, "cannot reach the Hugging Face hub")
@@ -270,7 +269,6 @@ def test_download_real_probe_against_a_closed_port(monkeypatch, tmp_path, no_sna
 
 
 def test_download_patterns_and_hub_errors(monkeypatch, tmp_path):
-    import bit_axon.cli.download as download
 
     import huggingface_hub
 
@@ -282,7 +280,7 @@ def test_download_patterns_and_hub_errors(monkeypatch, tmp_path):
             raise OSError("404 Client Error. Repository Not Found for url: ...\nmore detail")
         return str(kwargs["local_dir"])
 
-    monkeypatch.setattr(download, "hub_reachable", lambda timeout: True)
+    monkeypatch.setattr("bit_axon.tokenizer.hub_reachable", lambda timeout: True)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     result = runner.invoke(app, ["download", "Qwen/Qwen2.5-0.5B", "-d", str(tmp_path / "m")])
     assert result.exit_code == 0, result.output

@@ -29,7 +29,7 @@ from bit_axon.quantization import quantization_spec, quantize_model
 from bit_axon.quantization.model import check_finite
 from bit_axon.sources import ChatTokenizer, load_gguf, load_hf_directory, read_gguf_tokenizer, save_pretrained
 from bit_axon.sources.pretrained import PretrainedLMMixin
-from bit_axon.tokenizer import TOKENIZER_FILES, QwenTokenizerWrapper, hub_reachable
+from bit_axon.tokenizer import TOKENIZER_FILES, QwenTokenizerWrapper, hub_unreachable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,7 +43,6 @@ BIT_AXON_MODEL_TYPE = "bit_axon"
 EXPECTED = "expected a model directory with config.json, a .gguf file or a hub id (org/name)"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def load_weights(path: str | Path) -> dict[str, mx.array]:
@@ -102,8 +101,7 @@ def hub_directory(repo_id: str) -> Path:
     except (LocalEntryNotFoundError, OSError, HFValidationError):
         pass  # not cached: download below
     # snapshot_download retries a dead connection for a long time; a short probe fails fast instead.
-    if not hub_reachable(HUB_PROBE_TIMEOUT_S):
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"no connection within {HUB_PROBE_TIMEOUT_S:.0f} s"
+    if why := hub_unreachable():
         raise FileNotFoundError(
             f"{repo_id} is not a local path, and as a hub id it cannot be downloaded: "
             f"the Hugging Face hub at {constants.ENDPOINT} cannot be reached ({why})"

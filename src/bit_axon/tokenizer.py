@@ -36,7 +36,8 @@ CHATML_TEMPLATE = (
 
 _QWEN25_ID = re.compile(r"^Qwen/Qwen2\.5-[\w.-]+$", re.IGNORECASE)
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-_HUB_PROBE_TIMEOUT_S = 3.0
+# hub clients retry a dead connection for ~25 s; a TCP probe this long fails in seconds instead.
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 class TokenizerLoadError(OSError):
@@ -50,7 +51,16 @@ def _read_tokenizer_file(path: Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def hub_reachable(timeout: float) -> bool:
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub cannot be reached (for an error message), or None when it can."""
+    from huggingface_hub import constants
+
+    if hub_reachable(timeout):
+        return None
+    return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"no connection within {timeout:.0f} s"
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout`` seconds."""
     from huggingface_hub import constants
 
@@ -74,7 +84,7 @@ def _download_tokenizer(repo_id: str) -> Path:
     except (EntryNotFoundError, OSError, HFValidationError):
         pass  # not cached: go to the network below
     # hf_hub_download retries a dead connection for ~25 s; a quick probe fails in seconds instead.
-    if not hub_reachable(_HUB_PROBE_TIMEOUT_S):
+    if not hub_reachable(HUB_PROBE_TIMEOUT_S):
         raise TokenizerLoadError(
             f"Tokenizer {repo_id!r} is not a local path, not a Qwen2.5 model (those use the bundled "
             f"tokenizer) and not in the Hugging Face cache, and the hub cannot be reached (offline?). "

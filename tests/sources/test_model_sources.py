@@ -53,7 +53,7 @@ def test_bad_model_paths_are_one_clear_line(tmp_path):
 
 def test_hub_id_offline_fails_fast_with_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # nothing cached
-    monkeypatch.setattr("bit_axon.loading.hub_reachable", lambda timeout: False)
+    monkeypatch.setattr("bit_axon.tokenizer.hub_reachable", lambda timeout: False)
     with pytest.raises(FileNotFoundError, match=r"no-such-org/no-such-model is not a local path, and as a hub id "
                                                 r"it cannot be downloaded: the Hugging Face hub .* cannot be reached"):
         load_model("no-such-org/no-such-model")

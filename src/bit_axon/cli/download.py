@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bit_axon.tokenizer import hub_reachable
+from bit_axon.tokenizer import hub_unreachable
 
 import typer
 
-PROBE_TIMEOUT_S = 3.0
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jsonl"]
 TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json"]
 
@@ -27,8 +26,7 @@ def download(
     from huggingface_hub.errors import HFValidationError
 
     # snapshot_download retries a dead connection for a long time; a short probe fails fast instead.
-    if not hub_reachable(PROBE_TIMEOUT_S):
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"no connection within {PROBE_TIMEOUT_S:.0f} s"
+    if why := hub_unreachable():
         typer.echo(
             f"Error: cannot reach the Hugging Face hub at {constants.ENDPOINT} ({why}); {repo_id} was not downloaded",
             err=True,

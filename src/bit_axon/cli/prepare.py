@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from bit_axon.io import atomic_write_text
-from bit_axon.tokenizer import hub_reachable
+from bit_axon.tokenizer import HUB_PROBE_TIMEOUT_S, hub_reachable
 from bit_axon.training.convert import SHAPES, ConversionError, convert_record, detect_shape
 from bit_axon.training.records import DatasetError, iter_records
 
@@ -71,7 +71,7 @@ def _load_hub_rows(datasets, source: str, split: str, subset: str | None):
     from huggingface_hub import constants
 
     # The hub client retries a dead connection for ~25 s; in offline mode datasets uses its cache.
-    if not constants.HF_HUB_OFFLINE and not hub_reachable(timeout=3.0):
+    if not constants.HF_HUB_OFFLINE and not hub_reachable(HUB_PROBE_TIMEOUT_S):
         typer.echo(
             f"{source}: cannot reach the Hugging Face hub (offline?). Pass a local file, or set "
             "HF_HUB_OFFLINE=1 to use a cached copy of the dataset.",
