@@ -45,6 +45,23 @@ def recompute_in_backward(fn: Callable[..., mx.array]) -> Callable[..., mx.array
     return wrapped
 
 
+def recomputed(module: nn.Module, call: Callable[..., mx.array], *inputs: mx.array) -> mx.array:
+    """``call(*inputs)``, a forward pass of ``module``, with its activations recomputed in the
+    backward pass (``recompute_in_backward``); ``module``'s trainable parameters go in as inputs so
+    that their gradients flow."""
+    flat = tree_flatten(module.trainable_parameters())
+    names, params = [k for k, _ in flat], [v for _, v in flat]
+    n = len(params)
+
+    def forward(*arrays: mx.array) -> mx.array:
+        module.update(tree_unflatten(list(zip(names, arrays[:n], strict=True))))
+        return call(*arrays[n:])
+
+    out = recompute_in_backward(forward)(*params, *inputs)
+    module.update(tree_unflatten(list(zip(names, params, strict=True))))
+    return out
+
+
 class BitAxonModel(nn.Module):
     def __init__(self, config: BitAxonConfig):
         super().__init__()
@@ -92,19 +109,8 @@ class BitAxonModel(nn.Module):
         return self.lm_head(h)
 
     def _run_block(self, block: nn.Module, x: mx.array, segment_ids: mx.array | None) -> mx.array:
-        flat = tree_flatten(block.trainable_parameters())
-        names, params = [k for k, _ in flat], [v for _, v in flat]
-        n = len(params)
-
-        def forward(*arrays: mx.array) -> mx.array:
-            block.update(tree_unflatten(list(zip(names, arrays[:n], strict=True))))
-            x, *seg = arrays[n:]
-            return block(x, None, seg[0] if seg else None)
-
         seg = () if segment_ids is None else (segment_ids,)
-        out = recompute_in_backward(forward)(*params, x, *seg)
-        block.update(tree_unflatten(list(zip(names, params, strict=True))))
-        return out
+        return recomputed(block, lambda x, *seg: block(x, None, seg[0] if seg else None), x, *seg)
 
     def features(
         self,

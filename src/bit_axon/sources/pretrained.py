@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from bit_axon.model import recomputed
 from bit_axon.quantization import adopt_quantized, layer_quantization, summarize_quantization
 from bit_axon.quantization.base import FORMATS, find_base
 from bit_axon.quantization.model import check_finite
@@ -73,15 +74,7 @@ def _recomputed_class(cls: type[nn.Module]) -> type[nn.Module]:
         cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
         if cache is not None and not isinstance(cache, PackedRowAttention):
             return cls.__call__(self, x, *args, **kwargs)
-        params = self.trainable_parameters()
-
-        def run(params: dict, x: mx.array) -> mx.array:
-            self.update(params)
-            return cls.__call__(self, x, *args, **kwargs)
-
-        out = mx.checkpoint(run)(params, x)
-        self.update(params)  # the traced arrays out, the real ones back
-        return out
+        return recomputed(self, lambda x: cls.__call__(self, x, *args, **kwargs), x)
 
     return type(f"Recomputed{cls.__name__}", (cls,), {"__call__": __call__, "recomputes": cls})
 
