@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from bit_axon.io import atomic_write_text
 from bit_axon.training.checkpoint import get_latest_checkpoint, save_adapter_only
-from bit_axon.training.plotting import plot_losses
+from bit_axon.training.plotting import RESUMED_FROM, plot_losses
 
 if TYPE_CHECKING:
     from bit_axon.training.cooling import CoolingScheduler
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 FINAL_ADAPTER = "final_adapter.safetensors"
+BEST_ADAPTER = "best_adapter.safetensors"  # the adapters of the evaluation with the lowest val_loss
 NO_TARGETS = "no_targets"  # a metrics record's flag: the step's batches had no target tokens
 
 logger = logging.getLogger(__name__)
@@ -218,19 +219,68 @@ class Evaluation(Callback):
             record.update(trainer.evaluate())
 
 
+class BestAdapter(Callback):
+    """``best_adapter.safetensors``: the adapters of the evaluation with the lowest ``val_loss`` so far.
+
+    Rewritten (atomically, rank 0) at every evaluation that beats the best; the best step and loss
+    are checkpoint state, so they survive a resume, and ``Trainer.save_checkpoint`` keeps that step's
+    checkpoint folder (when ``save_every`` made one) through rotation. A run that starts with no best
+    recorded (a fresh run, or a resume from before the first evaluation) removes an older file first,
+    so the file on disk is always this run's best. The result gets ``best_val_loss``, ``best_step``
+    and ``best_adapter_path`` when an evaluation ran.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.val_loss = math.inf
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        path = trainer.output_dir / BEST_ADAPTER
+        if self.step is None and trainer.is_main and path.exists():
+            path.unlink()
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        value = record.get("val_loss")
+        if value is None or not value < self.val_loss:  # NaN never counts as better
+            return
+        self.step, self.val_loss = trainer.step, value
+        path = trainer.output_dir / BEST_ADAPTER
+        if trainer.is_main:
+            try:
+                save_adapter_only(trainer.model, path)
+            except OSError as err:
+                raise write_failure(err, f"the best adapter {path}", trainer.output_dir) from err
+
+    def on_train_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        if self.step is not None:
+            result.update(best_val_loss=self.val_loss, best_step=self.step,
+                          best_adapter_path=str(trainer.output_dir / BEST_ADAPTER))
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        best = None if self.step is None else {"step": self.step, "val_loss": self.val_loss}
+        return {"best_adapter": best}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        best = state.get("best_adapter")
+        self.step, self.val_loss = (None, math.inf) if best is None else (best["step"], best["val_loss"])
+
+
 class MetricsWriter(Callback):
     """``metrics.jsonl``: one JSON record per step, appended by rank 0; ``history`` holds the run's records.
 
     A fresh run starts the file anew; a resumed run keeps the records up to the step it resumes
-    from, so every step appears once however often the run was interrupted.
+    from, so every step appears once however often the run was interrupted. The first record a
+    resumed run writes carries ``"resumed_from": <step>`` (loss.png marks it).
     """
 
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []
+        self.resumed_from: int | None = None  # set until the first record after a resume is written
 
     def on_train_begin(self, trainer: Trainer) -> None:
         path = trainer.output_dir / METRICS_FILE
         self.history.clear()
+        self.resumed_from = trainer.step or None
         if not trainer.is_main or not path.exists():
             return
         if trainer.step == 0:
@@ -240,6 +290,9 @@ class MetricsWriter(Callback):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def on_step_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.resumed_from is not None:
+            record[RESUMED_FROM] = self.resumed_from
+            self.resumed_from = None
         self.history.append(record)
         if trainer.is_main:
             with open(trainer.output_dir / METRICS_FILE, "a") as f:
@@ -268,6 +321,15 @@ class Checkpointing(Callback):
 
     A halt or the end saves only when a step ran since the last save, so a stop right after a
     save (or before the first step of a resumed run) writes nothing new.
+
+    Only a finished run has a final adapter: all its steps done, or stopped by a callback (early
+    stopping). A run stopped by a signal (Ctrl-C, SIGTERM) is unfinished: it saves its checkpoint
+    and writes no final adapter (``result["adapter_path"]`` is None). And a run that has steps to do
+    removes the final adapter an earlier run left in ``output_dir`` when it begins (a resume to more
+    steps, or a fresh run over an old one): until this run finishes there is no final adapter, so
+    an interrupted continuation never leaves one that looks like its result. The finished run's
+    weights are still in its last checkpoint (``step_*/adapters.safetensors``), until rotated.
+    ``result["checkpoint"]`` is the newest checkpoint folder either way.
     """
 
     def __init__(self, every: int):
@@ -276,6 +338,11 @@ class Checkpointing(Callback):
 
     def on_train_begin(self, trainer: Trainer) -> None:
         self.last_saved = trainer.step
+        final = trainer.output_dir / FINAL_ADAPTER
+        if trainer.is_main and trainer.step < trainer.config.max_steps and final.exists():
+            final.unlink()
+            trainer.console.print(f"Removed {final} of an earlier run; this run writes its own when it finishes.",
+                                  highlight=False, soft_wrap=True)
 
     def _save_if_new(self, trainer: Trainer) -> Path | None:
         if trainer.step <= self.last_saved:
@@ -289,10 +356,15 @@ class Checkpointing(Callback):
 
     def on_halt(self, trainer: Trainer, error: BaseException) -> None:
         if (path := self._save_if_new(trainer)) is not None:
-            trainer.console.print(f"[red]Stopping: checkpoint of step {trainer.step} saved to {path}[/red]")
+            trainer.console.print(f"[red]Stopping: checkpoint of step {trainer.step} saved to {path}[/red]", soft_wrap=True)
 
     def on_train_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         self._save_if_new(trainer)
+        latest = get_latest_checkpoint(trainer.output_dir) if trainer.is_main else None
+        result["checkpoint"] = None if latest is None else str(latest)
+        if trainer.signals.requested:
+            result["adapter_path"] = None
+            return
         path = trainer.output_dir / FINAL_ADAPTER
         if trainer.is_main:
             try:
@@ -306,9 +378,11 @@ class EarlyStopping(Callback):
     """Stop when ``metric`` (default the validation loss) has not improved by more than
     ``min_delta`` for ``patience`` evaluations in a row.
 
-    The best value and the count survive a resume (they are checkpoint state). Pass it in
-    ``Trainer(..., callbacks=[EarlyStopping(patience=3)])``; it needs a validation set and
-    ``eval_every``.
+    The best value and the count survive a resume (they are checkpoint state). The trainer adds
+    one for ``TrainingConfig.early_stopping_patience``; ``Trainer(..., callbacks=[EarlyStopping(...)])``
+    sets the other knobs. It needs a validation set and ``eval_every``. The stop is graceful: the
+    step finishes, ``Checkpointing`` saves it and writes the final adapter, and the result's
+    ``stop_reason`` says why.
     """
 
     def __init__(self, patience: int, min_delta: float = 0.0, metric: str = "val_loss"):

@@ -213,8 +213,10 @@ def save_checkpoint(
     output_dir: str | Path,
     extra_state: dict[str, Any] | None = None,
     keep: int = 3,
+    protect: int | None = None,
 ) -> Path:
-    """Write ``output_dir/step_{step:08d}/`` atomically and keep only the ``keep`` newest checkpoints."""
+    """Write ``output_dir/step_{step:08d}/`` atomically and keep only the ``keep`` newest checkpoints,
+    plus the checkpoint of step ``protect`` (the best evaluation's) when there is one."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     trainable = dict(tree_flatten(model.trainable_parameters()))
@@ -243,7 +245,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _rotate(output_dir, keep)
+    _rotate(output_dir, keep, protect)
     return final
 
 
@@ -259,8 +261,18 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def _rotate(output_dir: Path, keep: int) -> None:
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``step_%08d`` checkpoint folder."""
+    match = _STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a step_NNNNNNNN checkpoint folder")
+    return int(match.group(1))
+
+
+def _rotate(output_dir: Path, keep: int, protect: int | None = None) -> None:
     for old in list_checkpoints(output_dir)[:-keep]:
+        if checkpoint_step(old) == protect:
+            continue
         # Hidden first, so a kill mid-delete leaves no half-deleted step_* folder behind.
         doomed = old.with_name(f".{old.name}.deleting")
         os.rename(old, doomed)

@@ -25,6 +25,7 @@ from bit_axon.training.packing import check_max_seq_len
 logger = logging.getLogger(__name__)
 
 TRAINING_MODES = ("sft", "orpo")
+REPORT_TO = ("none", "wandb", "tensorboard")  # experiment trackers (bit_axon.training.tracking)
 NO_QUANTIZATION = "none"  # train on the base weights as they are (a float base stays float)
 QUANTIZE_MODES = (*QUANT_MODES, NO_QUANTIZATION)
 
@@ -39,15 +40,29 @@ QUANTIZE_FIELDS = {"quantize_mode": "mode", "quantize_bits": "bits", "quantize_g
 T = TypeVar("T")
 
 
+class SettingError(ValueError):
+    """A bad ``TrainingConfig`` value. ``field`` is the setting it is about (None for a rule that ties
+    several, all named in ``problem``); ``problem`` says what is wrong without naming ``field`` again,
+    so a front end can put its own name for the setting first (the CLI's ``--lora-rank: ...``)."""
+
+    def __init__(self, field: str | None, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"TrainingConfig: {field} {problem}" if field else f"TrainingConfig: {problem}")
+
+
 def _owned(build: Callable[[], T], names: Mapping[str, str]) -> T:
-    """``build()``, its ValueError re-raised with the owner's field names replaced by ``TrainingConfig``'s."""
+    """``build()``, its ValueError re-raised as a ``SettingError`` in ``TrainingConfig``'s field names."""
     try:
         return build()
     except ValueError as err:
         message = str(err)
         for ours, theirs in names.items():
             message = re.sub(rf"\b{theirs}\b", ours, message)
-        raise ValueError(f"TrainingConfig: {message}") from None
+        # "Adapter lora_rank must be ..." (once renamed) is about that one setting.
+        for ours in names:
+            if match := re.match(rf"(?:[A-Z]\w* )?{ours} (.+)", message, re.S):
+                raise SettingError(ours, match.group(1)) from None
+        raise SettingError(None, message) from None
 
 
 @dataclass
@@ -57,6 +72,7 @@ class TrainingConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100  # the default is cut to max_steps for shorter runs, with a warning
     max_steps: int = 10_000
+    epochs: int | None = None  # instead of max_steps: passes over the packed training set
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 4
     # LoRA / DoRA
@@ -80,6 +96,15 @@ class TrainingConfig:
     eval_every: int = 500
     output_dir: str = "checkpoints"
     keep_checkpoints: int = 3
+    early_stopping_patience: int | None = None  # evaluations without a better val_loss before stopping
+    # Samples at each evaluation: greedy answers to the prompts of this file (default: the first
+    # eval_samples validation prompts), printed and written to metrics.jsonl.
+    eval_prompts: str | None = None
+    eval_samples: int = 3
+    sample_max_tokens: int = 48
+    # Tracking
+    report_to: str = "none"
+    log_every: int = 10  # steps between plain progress lines when the output is not a terminal
     # Thermal thresholds (°C)
     temp_max_speed: float = ThermalPolicy.max_speed_temp
     temp_pause: float = ThermalPolicy.pause_temp
@@ -104,33 +129,41 @@ class TrainingConfig:
         self.validate()
 
     def validate(self) -> None:
-        def check(ok: bool, message: str) -> None:
+        def check(ok: bool, field: str, problem: str) -> None:
             if not ok:
-                raise ValueError(f"TrainingConfig: {message}")
+                raise SettingError(field, problem)
 
-        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         check(0 <= self.warmup_steps <= self.max_steps,
-              f"warmup_steps must be between 0 and max_steps ({self.max_steps}), got {self.warmup_steps}")
-        check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+              "warmup_steps", f"must be between 0 and max_steps ({self.max_steps}), got {self.warmup_steps}")
+        check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         for name in ("grad_accum_steps", "batch_size", "save_every", "eval_every", "keep_checkpoints",
                      "max_nonfinite_steps"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+            check(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
         check(self.memory_limit_gb is None or self.memory_limit_gb > 0,
-              f"memory_limit_gb must be > 0 (or None), got {self.memory_limit_gb}")
-        _owned(lambda: check_max_seq_len(self.max_seq_len), {})
-        check(self.beta > 0, f"beta must be > 0, got {self.beta}")
-        check(self.orpo_form in ORPO_FORMS, f"orpo_form must be one of {ORPO_FORMS}, got {self.orpo_form!r}")
+              "memory_limit_gb", f"must be > 0 (or None), got {self.memory_limit_gb}")
+        _owned(lambda: check_max_seq_len(self.max_seq_len), {"max_seq_len": "max_seq_len"})
+        check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        check(self.orpo_form in ORPO_FORMS, "orpo_form", f"must be one of {ORPO_FORMS}, got {self.orpo_form!r}")
         check(self.training_mode in TRAINING_MODES,
-              f"training_mode must be one of {TRAINING_MODES}, got {self.training_mode!r}")
+              "training_mode", f"must be one of {TRAINING_MODES}, got {self.training_mode!r}")
         check(self.quantize_mode in QUANTIZE_MODES,
-              f"quantize_mode must be one of {QUANTIZE_MODES}, got {self.quantize_mode!r}")
+              "quantize_mode", f"must be one of {QUANTIZE_MODES}, got {self.quantize_mode!r}")
         self.quantization_spec()
         self.adapter_config()
         self.thermal_policy()
-        check(self.max_eval_batches is None or self.max_eval_batches >= 1, "max_eval_batches must be >= 1 or None")
+        check(self.epochs is None or (isinstance(self.epochs, int) and self.epochs >= 1),
+              "epochs", f"must be an integer >= 1 (or None), got {self.epochs!r}")
+        check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+              "early_stopping_patience", f"must be >= 1 (or None), got {self.early_stopping_patience}")
+        check(self.eval_samples >= 0, "eval_samples", f"must be >= 0, got {self.eval_samples}")
+        check(self.sample_max_tokens >= 1, "sample_max_tokens", f"must be >= 1, got {self.sample_max_tokens}")
+        check(self.report_to in REPORT_TO, "report_to", f"must be one of {REPORT_TO}, got {self.report_to!r}")
+        check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        check(self.max_eval_batches is None or self.max_eval_batches >= 1, "max_eval_batches", "must be >= 1 or None")
 
     # ---- the settings as their owners' objects -------------------------------------------------
     def adapter_config(self) -> AdapterConfig:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bit_axon.training.collate import IGNORE_INDEX, OrpoBatch, iterate_orpo_batches
+from bit_axon.training.epochs import pair_batches_per_epoch
 from bit_axon.training.orpo_loss import orpo_terms
 from bit_axon.training.trainer import Trainer
 
@@ -33,6 +34,9 @@ def _pad_to_bucket(batch: OrpoBatch, pad_token_id: int) -> OrpoBatch:
 
 
 class ORPOTrainer(Trainer):
+    def count_epoch_batches(self, dataset) -> int:
+        return pair_batches_per_epoch(len(dataset), self.config.batch_size)
+
     def batches(self, dataset, loop: bool) -> Iterator[OrpoBatch]:
         c = self.config
         batches = iterate_orpo_batches(

@@ -21,7 +21,7 @@ def resume_latest(trainer: Trainer) -> None:
     """
     latest = newest_intact_checkpoint(trainer.output_dir)
     if latest is None:
-        trainer.console.print(f"No checkpoint in {trainer.output_dir}; starting from step 0.")
+        trainer.console.print(f"No checkpoint in {trainer.output_dir}; starting from step 0.", soft_wrap=True)
         return
     trainer.step, _ = load_checkpoint(trainer.model, trainer.optimizer, latest)
     state = read_training_state(latest)
@@ -32,8 +32,8 @@ def resume_latest(trainer: Trainer) -> None:
     for callback in trainer.callbacks:
         callback.restore_state(state)
     for message in describe_changes(latest, state, trainer.config, trainer.world_size, trainer.batches_consumed):
-        trainer.console.print(message, highlight=False)
-    trainer.console.print(f"Resumed from {latest} (step {trainer.step}).")
+        trainer.console.print(message, highlight=False, soft_wrap=True)
+    trainer.console.print(f"Resumed from {latest} (step {trainer.step}).", highlight=False, soft_wrap=True)
 
 
 def describe_changes(
@@ -69,7 +69,8 @@ def describe_changes(
             f"examples and skips others.[/yellow]"
         )
     saved, current = state.get("config") or {}, config.to_dict()
-    settings = [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
+    # Plain words, one "name old -> new" per setting: "lora_rank 8 -> 16".
+    settings = [f"{k} {saved[k]} -> {v}" for k, v in current.items() if k in saved and saved[k] != v]
     if settings:
         messages.append(f"Settings changed since {checkpoint.name}: {', '.join(settings)}.")
     return messages

@@ -10,6 +10,17 @@ The model is any ``nn.Module`` that ``loss_terms`` can score: for SFT, one with
 ``features(inputs, segment_ids=...)`` (hidden states), ``head(h)`` and ``output_head`` (the layer
 behind ``head``), and optionally ``set_recompute(bool)``.
 
+``TrainingConfig.epochs`` is resolved once, at init, into the number of steps that many passes
+over the packed training set take (``bit_axon.training.epochs``): ``trainer.config`` is the run's
+config with that ``max_steps``, so the loop, the schedule, checkpoints and resume see one number.
+Every metrics record has ``epoch``, the passes made so far (``batches_consumed`` over the batches
+of one pass), with or without ``epochs``.
+
+A run stopped by Ctrl-C or SIGTERM saves a checkpoint but is not finished: it writes no final
+adapter (``result["adapter_path"]`` is None, ``result["checkpoint"]`` the checkpoint to resume from,
+``result["interrupted"]`` True); see ``callbacks.Checkpointing`` for the final adapter of an earlier
+run found in ``output_dir``.
+
 Under ``mlx.launch`` each process (rank) trains on its own shard of the batches and the ranks sum
 their gradients and token counts before every update (see ``distributed``), so W processes with
 batch size B follow the run of one process with batch size W * B. Only rank 0 reads checkpoints,
@@ -18,6 +29,7 @@ writes files and prints.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -27,11 +39,14 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from bit_axon.tokenizer import BaseTokenizer
 from bit_axon.training.callbacks import (
     NO_TARGETS,
+    BestAdapter,
     Callback,
     Checkpointing,
     Cooling,
+    EarlyStopping,
     Evaluation,
     LossPlot,
     MetricsWriter,
@@ -42,16 +57,19 @@ from bit_axon.training.callbacks import (
 )
 from bit_axon.training.checkpoint import save_checkpoint
 from bit_axon.training.collate import iterate_batches
-from bit_axon.training.config import TrainingConfig
+from bit_axon.training.config import SettingError, TrainingConfig
 from bit_axon.training.cooling import ThermalShutdownError
 from bit_axon.training.distributed import agree_to_stop, all_sum_tree, broadcast_tree, check_same, shard
+from bit_axon.training.epochs import packed_batches_per_epoch, steps_for_epochs
 from bit_axon.training.evaluation import evaluate_loss, perplexity, sft_loss_terms
 from bit_axon.training.losses import TargetBatch, gather_targets
 from bit_axon.training.progress import StepProgress
 from bit_axon.training.recovery import recover_unfinished
 from bit_axon.training.resume import resume_latest
 from bit_axon.training.run_scope import StopSignals, memory_limit
+from bit_axon.training.samples import Generate, eval_samples_callback
 from bit_axon.training.scheduler import cosine_with_warmup
+from bit_axon.training.tracking import tracking_callbacks
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -93,7 +111,11 @@ class Trainer:
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
         callbacks: Sequence[Callback] = (),
+        tokenizer: BaseTokenizer | None = None,
+        generate: Generate | None = None,
     ):
+        """``tokenizer`` and ``generate`` (``bit_axon.inference.generate``) turn on the samples at each
+        evaluation (``bit_axon.training.samples``); without them a run has none."""
         self.model = model
         self.config = config
         self.dataset = dataset
@@ -106,6 +128,11 @@ class Trainer:
         self.show_progress = show_progress and self.is_main
         self.eos_token_id = _special_token_id("eos_token_id", eos_token_id, dataset)
         self.pad_token_id = _special_token_id("pad_token_id", pad_token_id, dataset)
+        self.batches_per_epoch = self.count_epoch_batches(dataset)
+        config = self.config = self._resolve_epochs(config)
+        if config.early_stopping_patience is not None and val_dataset is None:
+            raise ValueError("--early-stopping-patience needs a validation set: pass --val-data "
+                             "(early stopping watches val_loss)")
         self.output_dir = Path(config.output_dir)
         self.learning_rate_at = self.schedule()  # optimizer step (0-based) -> its learning rate
         self.optimizer = optim.AdamW(learning_rate=self.learning_rate_at, weight_decay=config.weight_decay)
@@ -119,13 +146,20 @@ class Trainer:
         self.signals = StopSignals(self._announce_stop)
         writer = MetricsWriter()
         self.history = writer.history
+        self.best = BestAdapter()  # its step's checkpoint survives rotation (save_checkpoint)
+        samples = eval_samples_callback(self, tokenizer, generate)
+        patience = config.early_stopping_patience
         self.callbacks: list[Callback] = [
             NonFiniteStop(config.max_nonfinite_steps),
             *([Cooling(cooling_scheduler)] if cooling_scheduler is not None else []),
             Evaluation(config.eval_every),
+            self.best,
+            *([samples] if samples is not None else []),  # before the writer: samples go to metrics.jsonl
             writer,
+            *tracking_callbacks(config.report_to),  # right after the writer: the record as written
             LossPlot(writer),
             Checkpointing(config.save_every),
+            *([EarlyStopping(patience)] if patience is not None else []),
             *callbacks,
         ]
         if hasattr(model, "set_recompute"):
@@ -136,7 +170,28 @@ class Trainer:
         """Rank 0: the process that reads and writes files and reports progress."""
         return self.rank == 0
 
+    def _resolve_epochs(self, config: TrainingConfig) -> TrainingConfig:
+        """``config``, with ``max_steps`` the steps of ``config.epochs`` passes when that is set."""
+        if config.epochs is None:
+            return config
+        steps = steps_for_epochs(self.batches_per_epoch, config.grad_accum_steps, self.world_size, config.epochs)
+        if config.max_steps not in (TrainingConfig.max_steps, steps):
+            logger.warning("epochs=%d sets the run's length: max_steps=%d is ignored", config.epochs, config.max_steps)
+        try:
+            resolved = dataclasses.replace(config, max_steps=steps)
+        except SettingError as err:
+            raise SettingError(err.field, f"{err.problem} (epochs={config.epochs} makes {steps} steps of this "
+                                          "training set)") from None
+        self.console.print(f"epochs={config.epochs}: {self.batches_per_epoch} batches per epoch -> {steps} steps",
+                           highlight=False)
+        return resolved
+
     # ---- what subclasses override -------------------------------------------------------------
+    def count_epoch_batches(self, dataset) -> int:
+        """The batches of one pass over ``dataset`` (``bit_axon.training.epochs``)."""
+        c = self.config
+        return packed_batches_per_epoch(dataset, c.batch_size, c.max_seq_len, c.seed, self.eos_token_id, self.pad_token_id)
+
     def schedule(self):
         c = self.config
         return cosine_with_warmup(c.learning_rate, c.warmup_steps, c.max_steps)
@@ -244,6 +299,7 @@ class Trainer:
         record: dict[str, Any] = {
             "step": self.step, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
             "tokens": tokens, "step_time": time.perf_counter() - t0, **self._throughput(),
+            "epoch": self.batches_consumed / self.batches_per_epoch,
         }
         if empty:
             record.update({NO_TARGETS: True, "empty_steps": self.empty_steps})
@@ -293,7 +349,7 @@ class Trainer:
         try:
             return save_checkpoint(
                 self.model, self.optimizer, self.step, self.last_loss, self.output_dir,
-                extra_state=self.training_state(), keep=self.config.keep_checkpoints,
+                extra_state=self.training_state(), keep=self.config.keep_checkpoints, protect=self.best.step,
             )
         except OSError as err:
             what = f"the checkpoint of step {self.step} in {self.output_dir}"
@@ -384,7 +440,7 @@ class Trainer:
         data = shard(self.batches(self.dataset, loop=True), self.rank, self.world_size, start=self.batches_consumed)
         grad_step = self._build_step()
         result: dict[str, Any] = {"step": self.step, "loss": math.nan, "grad_norm": math.nan}
-        progress = StepProgress(self.console, self.show_progress, self.progress_fields)
+        progress = StepProgress(self.console, self.show_progress, self.progress_fields, self.config.log_every)
         with self.signals.installed(), memory_limit(self.config.memory_limit_gb):
             with progress.shown(total=self.config.max_steps, completed=self.step):
                 self._emit("on_train_begin")
@@ -398,7 +454,7 @@ class Trainer:
         if self.signals.requested:
             self.console.print(
                 f"[yellow]Stopped at step {self.step}; checkpoint saved in {self.output_dir}. "
-                "Run the same command with --resume to continue.[/yellow]"
+                "Run the same command with --resume to continue.[/yellow]", soft_wrap=True,
             )
         elif self.stop_reason is not None:
             self.console.print(f"[yellow]Stopped at step {self.step} ({self.stop_reason}).[/yellow]")
