@@ -47,13 +47,57 @@ def test_train_then_resume(tmp_path, model_dir):
     assert "Training summary" in result.output
     assert (out / "final_adapter.safetensors").exists()
     assert sorted(p.name for p in out.glob("step_*")) == ["step_00000001", "step_00000002"]
-    result = _train(data, "-w", model_dir, "--max-steps", "3", "--save-every", "1", "-o", out, "--resume", *COMMON)
+    # The rest of the settings, the data and the model come from the run's own train_config.yaml.
+    result = _train("--max-steps", "3", "-o", out, "--resume")
     assert result.exit_code == 0, result.output
     assert "Resumed from" in result.output
+    assert "Settings changed since step_00000002: max_steps 2 -> 3." in result.output
     state = json.loads((out / "step_00000003" / "training_state.json").read_text())
     assert state["step"] == 3
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def _losses(run: Path) -> list[tuple[float, float | None]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["loss"], r.get("val_loss")) for r in records]
+
+
+def test_the_written_settings_repeat_the_run(tmp_path, model_dir):
+    data, val = _subset(tmp_path, "sft.jsonl", 8), _subset(tmp_path, "sft_val.jsonl", 4)
+    first, again = tmp_path / "first", tmp_path / "again"
+    result = _train(data, "-w", model_dir, "--val-data", val, "--max-steps", "2", "--eval-every", "1",
+                    "--lora-rank", "4", "--no-dora", "-lr", "1e-3", "-o", first, *COMMON)
+    assert result.exit_code == 0, result.output
+    settings = (first / "train_config.yaml").read_text()
+    assert f"\ndata: {data}\nmodel_weights: {model_dir}\n" in settings and "\nlora_rank: 4\n" in settings
+    result = _train("--config", first / "train_config.yaml", "-o", again)
+    assert result.exit_code == 0, result.output
+    assert _losses(again) == _losses(first) and all(val is not None for _, val in _losses(first))
+    assert (again / "train_config.yaml").read_text() == settings.replace(str(first), str(again))
+
+
+def test_dry_run_prints_the_estimate_and_trains_nothing(tmp_path, model_dir, monkeypatch):
+    from bit_axon.training import memory
+
+    seen = {}
+
+    def estimate(model, config):
+        seen.update(model=model, config=config)
+        return memory.MemoryEstimate(total_bytes=3 * 2**30, parts={"weights": 3 * 2**30})
+
+    monkeypatch.setattr(memory, "estimate_training_memory", estimate)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2 * 2**30)
+    monkeypatch.setattr(memory, "describe_memory", lambda est, available: [
+        f"Estimated peak {est.total_bytes / 2**30:.1f} GB of {available / 2**30:.1f} GB", "Warning: it will not fit"])
+    out = tmp_path / "dry"
+    result = _train(_subset(tmp_path, "sft.jsonl", 4), "-w", model_dir, "-o", out, "--dry-run", "--lora-rank", "2",
+                    *COMMON)
+    assert result.exit_code == 0, result.output
+    assert "Estimated peak 3.0 GB of 2.0 GB\nWarning: it will not fit\n" in result.output
+    assert "Dry run: nothing was trained." in result.output and "Training summary" not in result.output
+    assert seen["config"].lora_rank == 2 and hasattr(seen["model"], "trainable_parameters")
+    assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_orpo_mode_detected_from_the_file(tmp_path, model_dir):
@@ -68,9 +112,11 @@ def test_orpo_mode_detected_from_the_file(tmp_path, model_dir):
     [
         (["missing.jsonl", "--config-small"], "Training data not found"),
         (["{sft}"], "--model-weights is required"),
-        (["{sft}", "--config-small", "-lr", "-1"], "learning_rate must be > 0"),
+        (["{sft}", "--config-small", "-lr", "-1"], "Error: --learning-rate: must be > 0, got -1.0"),
+        (["{sft}", "--config-small", "--lora-rank", "-3"], "Error: --lora-rank: must be a positive integer, got -3"),
+        (["{sft}", "--config-small", "--no-dora", "--lora-dropout", "1"], "Error: --lora-dropout: must be in [0, 1)"),
         (["{orpo}", "--config-small", "--training-mode", "sft"], "--training-mode orpo"),
-        (["{sft}", "--config-small", "--temp-pause", "99", "--temp-stop", "90"], "temp_pause < temp_stop"),
+        (["{sft}", "--config-small", "--temp-pause", "99", "--temp-stop", "90"], "--temp-pause < --temp-stop"),
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, args, message):

@@ -113,7 +113,9 @@ def demo(
     steps = steps or (SMALL_STEPS if config_small else PRETRAINED_STEPS)
     if config_small:
         model_path, tokenizer = None, QwenTokenizerWrapper()
-        settings = {"batch_size": 2, "max_seq_len": 256, "max_eval_batches": 8}
+        # The whole validation set, as the table's before/after losses: the summary's val_loss (the
+        # trainer's evaluation at the last step) is then the same number as the table's "after".
+        settings = {"batch_size": 2, "max_seq_len": 256}
         lr, title = learning_rate or SMALL_LEARNING_RATE, "the small Bit-Axon model (random initialisation)"
     else:
         try:

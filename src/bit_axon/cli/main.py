@@ -11,6 +11,7 @@ from bit_axon.cli.prepare import prepare
 from bit_axon.cli.quantize import quantize
 from bit_axon.cli.run import run
 from bit_axon.cli.train import train
+from bit_axon.cli.upload import upload
 
 import typer
 
@@ -22,8 +23,21 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"bit-axon {version('bit-axon')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs.")) -> None:
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs."),
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Fine-tune the Bit-Axon language model on your own machine."""
     import logging
 
@@ -56,6 +70,7 @@ app.command("run")(run)
 app.command("evaluate")(evaluate)
 app.command("port-weights")(port_weights)
 app.command("download")(download)
+app.command("upload")(upload)
 
 if __name__ == "__main__":
     app()

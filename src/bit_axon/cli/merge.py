@@ -43,7 +43,7 @@ def merge(
                 group_size=group_size,
                 lora_rank=lora_rank,
             )
-    console.print(f"Saved {_saved_format(out)} merged model to {out}")
+    console.print(f"Saved {_saved_format(out)} merged model to {out}", soft_wrap=True)
 
 
 def _saved_format(out: Path) -> str:

@@ -49,6 +49,12 @@ def _flag_name(name: str, default: Any, flag: Flag) -> str:
     return f"--no-{dashed}" if default is True else f"--{dashed}"
 
 
+def flag_name(cls: type, flags: Mapping[str, Flag], name: str) -> str:
+    """The long flag ``settings_options(cls, flags)`` gives field ``name`` (``lora_rank`` ->
+    ``--lora-rank``, ``use_dora`` -> ``--no-dora``), for messages that name what the user typed."""
+    return _flag_name(name, getattr(cls, name), flags[name])
+
+
 def _option(name: str, annotation: Any, default: Any, flag: Flag) -> inspect.Parameter:
     decls = [_flag_name(name, default, flag), *([flag.short] if flag.short else [])]
     if annotation is bool:

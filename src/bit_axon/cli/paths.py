@@ -78,3 +78,21 @@ def one_line_errors(output: Path) -> Iterator[None]:
     except OSError as err:  # the write: a full disk, no permission
         typer.echo(write_error(err, output), err=True)
         raise typer.Exit(1) from None
+
+
+def check_run_dir(output: Path, *, resume: bool, option: str = "--output-dir") -> None:
+    """``--resume`` needs a checkpoint in ``output``; a new run must not go into another run's.
+
+    Without the first check a typo in the path silently starts over from step 0; without the
+    second a new run's checkpoints replace and rotate away the old run's under the same names.
+    """
+    from bit_axon.training.recovery import step_folders
+
+    found = step_folders(output)
+    if resume and not found:
+        raise OutputPathError(f"--resume: no checkpoint in {output}. Check the path, or drop --resume to start a new run")
+    if not resume and found:
+        raise OutputPathError(
+            f"{option} {output} already holds checkpoints of a run (the newest: {found[0].name}): pass --resume "
+            f"to continue that run, or choose another {option} to start a new one"
+        )

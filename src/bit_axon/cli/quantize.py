@@ -47,4 +47,4 @@ def quantize(
         with console.status(f"Quantizing ({mode.value}, {bits}-bit, group {group_size})"):
             quantize_model(model, bits=bits, group_size=group_size, mode=mode.value)
             save_model(model, output)
-    console.print(f"Saved {mode.value} {bits}-bit (group {group_size}) model to {output}")
+    console.print(f"Saved {mode.value} {bits}-bit (group {group_size}) model to {output}", soft_wrap=True)

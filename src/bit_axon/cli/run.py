@@ -148,10 +148,10 @@ def _chat(session: ChatSession, first: str | None, seed: int | None, sampling: d
             break
         if message.strip() == "/reset":
             session.reset()
-            console.print("Started over: the conversation is cleared.", style="dim", highlight=False)
+            console.print("Conversation cleared.", style="dim", highlight=False)
             continue
         if message.strip() == "/help":
-            console.print(CHAT_HELP, style="dim", highlight=False)
+            console.print(CHAT_HELP, style="dim", highlight=False, soft_wrap=True)
             continue
         if not message.strip():
             continue
