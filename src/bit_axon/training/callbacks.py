@@ -219,6 +219,18 @@ class Evaluation(Callback):
             record.update(trainer.evaluate())
 
 
+def write_adapter(trainer: Trainer, name: str, what: str) -> Path:
+    """``trainer.output_dir / name``: the trainable parameters, written by rank 0 (atomically); a
+    failed write is a ``write_failure`` naming ``what``."""
+    path = trainer.output_dir / name
+    if trainer.is_main:
+        try:
+            save_adapter_only(trainer.model, path)
+        except OSError as err:
+            raise write_failure(err, f"{what} {path}", trainer.output_dir) from err
+    return path
+
+
 class BestAdapter(Callback):
     """``best_adapter.safetensors``: the adapters of the evaluation with the lowest ``val_loss`` so far.
 
@@ -244,12 +256,7 @@ class BestAdapter(Callback):
         if value is None or not value < self.val_loss:  # NaN never counts as better
             return
         self.step, self.val_loss = trainer.step, value
-        path = trainer.output_dir / BEST_ADAPTER
-        if trainer.is_main:
-            try:
-                save_adapter_only(trainer.model, path)
-            except OSError as err:
-                raise write_failure(err, f"the best adapter {path}", trainer.output_dir) from err
+        write_adapter(trainer, BEST_ADAPTER, "the best adapter")
 
     def on_train_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         if self.step is not None:
@@ -365,12 +372,7 @@ class Checkpointing(Callback):
         if trainer.signals.requested:
             result["adapter_path"] = None
             return
-        path = trainer.output_dir / FINAL_ADAPTER
-        if trainer.is_main:
-            try:
-                save_adapter_only(trainer.model, path)
-            except OSError as err:
-                raise write_failure(err, f"the final adapter {path}", trainer.output_dir) from err
+        path = write_adapter(trainer, FINAL_ADAPTER, "the final adapter")
         result["adapter_path"] = str(path)
 
 

@@ -258,7 +258,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         p for p in output_dir.iterdir()
         if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()
     ]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def checkpoint_step(path: Path) -> int:
