@@ -1,4 +1,5 @@
-"""port-weights: a Bit-Axon model from a tiny synthetic checkpoint in Qwen2's Hugging Face layout."""
+"""port-weights: a Bit-Axon model from a tiny synthetic checkpoint in Qwen2's Hugging Face layout
+(Llama sources and the attention start: tests/test_porting_llama.py)."""
 
 from __future__ import annotations
 
@@ -109,16 +110,16 @@ def test_cli_port_errors(tmp_path):
     result = runner.invoke(app, ["port-weights", str(src), "-o", str(tmp_path / "o"), "--config", str(tmp_path / "bad.json")])
     assert result.exit_code == 1 and "conflicts" in result.output
     config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
     result = runner.invoke(app, ["port-weights", str(src), "-o", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "not a Qwen2" in result.output
+    assert result.exit_code == 1 and "model_type 'gemma' is not supported" in result.output
 
 
 @pytest.fixture
 def ported(tmp_path):
     path = tmp_path / "qwen"
     src = write_qwen(path)
-    model, report = port_qwen(path, architecture(), expert_noise=0.0)
+    model, report = port_qwen(path, architecture(), expert_noise=0.0, ssm_init="identity")
     return src, model, report
 
 
@@ -170,7 +171,7 @@ def test_attention_layer_computes_qwen_attention_values(ported):
 
 def test_narrow_experts_keep_the_strongest_channels(tmp_path):
     src = write_qwen(tmp_path / "qwen")
-    model, report = port_qwen(tmp_path / "qwen", architecture(moe_intermediate_dim=32), expert_noise=0.0)
+    model, report = port_qwen(tmp_path / "qwen", architecture(moe_intermediate_dim=32), expert_noise=0.0, ssm_init="identity")
     assert report.mlp_channels == "top-32 of 48"
     p = "model.layers.4.mlp."
     gate, up, down = (src[p + f"{n}_proj.weight"] for n in ("gate", "up", "down"))
@@ -184,7 +185,7 @@ def test_narrow_experts_keep_the_strongest_channels(tmp_path):
 
 def test_expert_noise_and_untied_head(tmp_path):
     src = write_qwen(tmp_path / "qwen", tie=False, shards=1)
-    model, _ = port_qwen(tmp_path / "qwen", architecture(), expert_noise=0.05, seed=3)
+    model, _ = port_qwen(tmp_path / "qwen", architecture(), expert_noise=0.05, seed=3, ssm_init="identity")
     assert not model.config.weight_tying
     np.testing.assert_array_equal(np.array(model.lm_head.weight), src["lm_head.weight"])
     experts = np.array(model.layer_2.moe.switch_mlp.up_proj.weight)
@@ -220,6 +221,18 @@ def test_output_proj_folds_the_final_norm(ported):
     rms = np.sqrt(np.mean(np.array(x)[0, :, :32] ** 2, axis=-1))
     assert report.calibration_rms == pytest.approx(float(np.median(rms)), rel=1e-5)
     assert report.calibration_rms != pytest.approx(float(np.mean(rms)), rel=1e-3)
+
+
+def test_attention_start_on_a_wider_model(tmp_path):
+    """Qwen2 (q/k/v biases) into H = 48 > S = 32: the SSM started from attention writes only the first S
+    coordinates and explains part of the source attention's output on the calibration tokens."""
+    write_qwen(tmp_path / "qwen")
+    model, report = port_qwen(tmp_path / "qwen", architecture(), ssm_init="attention", ssm_calibration_tokens=256)
+    assert report.ssm_init == "attention" and list(report.ssm_fits) == [2]
+    assert report.ssm_fits[2]["source_layer"] == 4 and 0 < report.ssm_fits[2]["explained"] <= 1
+    x = np.concatenate([np.random.default_rng(5).normal(0, 1, (1, 6, 32)), np.zeros((1, 6, 16))], axis=-1)
+    out = np.array(model.layer_2.ssm(mx.array(x.astype(np.float32))))
+    assert np.abs(out[..., :32]).max() > 0 and np.all(out[..., 32:] == 0)
 
 
 # --- bit-axon download ---------------------------------------------------------------------------

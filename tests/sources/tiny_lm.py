@@ -130,3 +130,31 @@ def hf_directory(path: Path, quantized: bool, model_type: str = "llama"):
     (path / "config.json").write_text(json.dumps(config))
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(reference.parameters())))
     return path, reference
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LETTERS = list("abcdefghijklmnopqrstuvwxyz") + ["Ġ", "Ċ", ".", ",", "?", "!"]
+MERGES = ["Ġ t", "h e", "Ġt he", "i s", "Ġ is"]
+TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nbe brief<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tokenizer_metadata(vocab: int) -> dict:
+    """A byte-level BPE tokenizer in llama.cpp's GGUF keys, SmolLM2-like (default system prompt)."""
+    tokens = SPECIALS + LETTERS + ["Ġt", "he", "Ġthe", "is", "Ġis"]
+    tokens += [f"<unused_{i}>" for i in range(vocab - len(tokens))]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": MERGES,
+        "tokenizer.ggml.token_type": mx.array([3] * 3 + [1] * (vocab - 3), dtype=mx.int32),
+        "tokenizer.ggml.bos_token_id": mx.array(1, dtype=mx.uint32),
+        "tokenizer.ggml.eos_token_id": mx.array(2, dtype=mx.uint32),
+        "tokenizer.ggml.padding_token_id": mx.array(2, dtype=mx.uint32),
+        "tokenizer.chat_template": TEMPLATE,
+    }

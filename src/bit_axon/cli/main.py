@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bit_axon.cli.demo import demo
+from bit_axon.cli.distill import distill
 from bit_axon.cli.download import download
 from bit_axon.cli.evaluate import evaluate
 from bit_axon.cli.merge import merge
@@ -69,6 +70,7 @@ app.command("train")(train)
 app.command("run")(run)
 app.command("evaluate")(evaluate)
 app.command("port-weights")(port_weights)
+app.command("distill")(distill)
 app.command("download")(download)
 app.command("upload")(upload)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bit_axon.io import atomic_write_text
-from bit_axon.training.checkpoint import get_latest_checkpoint, save_adapter_only
+from bit_axon.training.checkpoint import get_latest_checkpoint, save_trainable
 from bit_axon.training.plotting import RESUMED_FROM, plot_losses
 
 if TYPE_CHECKING:
@@ -225,7 +225,7 @@ def write_adapter(trainer: Trainer, name: str, what: str) -> Path:
     path = trainer.output_dir / name
     if trainer.is_main:
         try:
-            save_adapter_only(trainer.model, path)
+            save_trainable(trainer.model, path)
         except OSError as err:
             raise write_failure(err, f"{what} {path}", trainer.output_dir) from err
     return path

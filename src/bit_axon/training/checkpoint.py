@@ -57,6 +57,22 @@ def save_adapter_only(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
+def save_trainable(model: nn.Module, path: str | Path) -> Path:
+    """Write every trainable parameter of ``model`` to ``path``, with the adapter metadata when it has adapters.
+
+    In a fine-tuning run only the adapters train, so this is ``save_adapter_only``'s file; a
+    distillation run (``bit_axon.training.distill``) also trains SSM mixers and norms in full, and
+    its checkpoints and best weights carry them too.
+    """
+    path = Path(path)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    if not weights:
+        raise ValueError("The model has no trainable parameters to save")
+    adapters = adapter_config(model).metadata() if adapter_layers(model) else {}
+    atomic_save_safetensors(path, weights, metadata={"format": "mlx", **adapters, **base_metadata(model)})
+    return path
+
+
 def _adapter_parameter_names() -> set[str]:
     return {name for cls in ADAPTER_KINDS.values() for name in cls.parameter_names}
 
@@ -226,7 +242,7 @@ def save_checkpoint(
     final = output_dir / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
     try:
-        save_adapter_only(model, tmp / ADAPTERS_FILE)
+        save_trainable(model, tmp / ADAPTERS_FILE)
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
         state = {"step": step, "loss": _finite_or_none(float(loss)), **(extra_state or {})}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")

@@ -222,19 +222,22 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
     return configs.pop()
 
 
-def apply_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
+def apply_adapters(
+    model: nn.Module, config: AdapterConfig, target: Callable[[str], bool] = lora_target
+) -> list[str]:
     """Freeze ``model`` and wrap every target layer in an adapter of ``config.kind``, in place.
 
-    Targets are the layers named in ``LORA_TARGET_NAMES`` except those whose path contains one of
-    ``LORA_EXCLUDED_PATHS`` or whose name is in ``LORA_EXCLUDED_NAMES``. Afterwards only the adapter
-    parameters (the kind's ``parameter_names``) are trainable. Returns the wrapped paths.
+    Targets are the layers whose path ``target`` accepts: by default (``lora_target``) those named in
+    ``LORA_TARGET_NAMES`` except those whose path contains one of ``LORA_EXCLUDED_PATHS`` or whose
+    name is in ``LORA_EXCLUDED_NAMES``. Afterwards only the adapter parameters (the kind's
+    ``parameter_names``) are trainable. Returns the wrapped paths.
     """
     if adapter_layers(model):
         raise ValueError("The model already has LoRA/DoRA adapters")
     model.freeze()
     wrapped = []
     for path, module in reversed(model.named_modules()):
-        if not lora_target(path):
+        if not target(path):
             continue
         if not is_linear_base(module):
             raise TypeError(f"Target layer {path} is a {type(module).__name__}, not a linear layer")
