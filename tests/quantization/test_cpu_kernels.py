@@ -231,3 +231,17 @@ class _Tampered:
 
     def nf4_dequantize(self, packed, scales, dtype=None):
         return self._nf4(packed, scales, dtype=dtype) * 1.0001
+
+
+def test_the_build_uses_the_loaded_mlx_even_when_a_folder_named_mlx_comes_first(tmp_path, monkeypatch):
+    # MLX caches its own kernels in /tmp/mlx/, so a script run from /tmp sees that folder as the
+    # first portion of the ``mlx`` namespace package; its headers are not there.
+    import importlib
+
+    import mlx
+
+    (tmp_path / "mlx").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert list(mlx.__path__)[0] == str(tmp_path / "mlx")
+    assert (cpu_kernels._mlx_package() / "include" / "mlx" / "backend" / "cpu").is_dir()

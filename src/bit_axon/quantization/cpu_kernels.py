@@ -65,9 +65,9 @@ def _compiler() -> str | None:
 
 
 def _mlx_package() -> Path:
-    import mlx
-
-    return Path(mlx.__path__[0])
+    # The folder of the mlx.core that is loaded, not ``mlx.__path__[0]``: ``mlx`` is a namespace
+    # package, and MLX's own kernel cache (/tmp/mlx/) becomes its first portion for a script in /tmp.
+    return Path(mx.__file__).parent
 
 
 def library_path(compiler: str) -> Path:
