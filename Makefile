@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+	sh scripts/install-test-browser.sh
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

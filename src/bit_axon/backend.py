@@ -114,10 +114,11 @@ class Backend:
             return False
         return rows >= self.min_dequant_rows or (half_scales and platform.machine().lower() in ("x86_64", "amd64"))
 
-    def float_teacher(self) -> bool:
-        """Whether a frozen quantized model that only runs forward passes (a distillation teacher) is
-        dequantized once and kept in float: on the CPU fast path, where each quantized matmul would
-        dequantize its weight again at every pass (bench/README.md, "Distillation")."""
+    def float_inference(self) -> bool:
+        """Whether a frozen quantized model that only runs forward passes (a distillation teacher, a
+        served model) is dequantized once and kept in float: on the CPU fast path, where each
+        quantized matmul would dequantize its weight again at every pass (bench/README.md,
+        "Distillation")."""
         return self.cpu_fast_path()
 
     def expert_block_rows(self, num_pairs: int, num_experts: int) -> int:

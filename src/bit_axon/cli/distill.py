@@ -77,15 +77,10 @@ def check_pair(teacher, student, teacher_tokenizer, student_tokenizer, teacher_p
 
 def teacher_in_float(teacher, console: Console) -> None:
     """Dequantize a quantized teacher once where the backend says a float one runs faster (the CPU)."""
-    from bit_axon.backend import settings
-    from bit_axon.quantization import base_quantization, dequantize_model
+    from bit_axon.inference.loader import in_float_for_speed
 
-    import mlx.core as mx
-
-    if base_quantization(teacher) is None or not settings().float_teacher():
+    if not in_float_for_speed(teacher):
         return
-    dequantize_model(teacher)
-    mx.eval(teacher.parameters())
     console.print("The teacher runs dequantized to float (the same weights): on the CPU a quantized model would "
                   "dequantize them at every pass", highlight=False)
 

@@ -11,6 +11,7 @@ from bit_axon.cli.port import port_weights
 from bit_axon.cli.prepare import prepare
 from bit_axon.cli.quantize import quantize
 from bit_axon.cli.run import run
+from bit_axon.cli.serve import serve
 from bit_axon.cli.train import train
 from bit_axon.cli.upload import upload
 
@@ -68,6 +69,7 @@ app.command("quantize")(quantize)
 app.command("merge")(merge)
 app.command("train")(train)
 app.command("run")(run)
+app.command("serve")(serve)
 app.command("evaluate")(evaluate)
 app.command("port-weights")(port_weights)
 app.command("distill")(distill)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bit_axon.backend import on_cpu
+from bit_axon.backend import on_cpu, settings
 from bit_axon.config import BitAxonConfig
 from bit_axon.loading import check_tokenizer_fits, load_model, load_tokenizer
 from bit_axon.model import BitAxonModel
+from bit_axon.quantization import base_quantization, dequantize_model
 from bit_axon.training.checkpoint import load_adapter
+from bit_axon.training.lora import adapter_layers
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
-__all__ = ["default_dtype", "load", "load_for_inference", "open_model", "ready_for_inference"]
+__all__ = ["default_dtype", "in_float_for_speed", "load", "load_for_inference", "open_model", "ready_for_inference"]
 
 
 def default_dtype() -> mx.Dtype | None:
@@ -34,6 +37,24 @@ def ready_for_inference(model: nn.Module, adapter_path: str | Path | None = None
     model.eval()  # adapter dropout off
     mx.eval(model.parameters())
     return model
+
+
+def in_float_for_speed(model: nn.Module) -> bool:
+    """Fold ``model``'s adapters in and dequantize its base once, in place, where the backend says a
+    float model runs faster (the CPU: ``Backend.float_inference``). The model computes the same
+    function up to rounding; it is for forward passes only (a teacher, a served model), since its
+    adapters are no longer separate. Returns whether it changed anything."""
+    if not settings().float_inference():
+        return False
+    layers = adapter_layers(model)
+    if layers:
+        model.update_modules(tree_unflatten([(path, layer.fuse(requantize=False)) for path, layer in layers]))
+    quantized = base_quantization(model) is not None
+    if quantized:
+        dequantize_model(model)
+    if layers or quantized:
+        mx.eval(model.parameters())
+    return bool(layers) or quantized
 
 
 def open_model(path: str | Path, adapter_path: str | Path | None = None, dtype: mx.Dtype | None = None) -> nn.Module:

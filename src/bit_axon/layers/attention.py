@@ -52,5 +52,7 @@ class SlidingWindowAttention(nn.Module):
         q_pos = mx.arange(q_start, q_start + L)
         k_pos = mx.arange(k_start, k_start + k.shape[2])
         mask = sliding_window_mask(q_pos, k_pos, self.window, segment_ids)
+        if cache is not None and (exists := cache.key_mask(k_pos)) is not None:
+            mask = mask & exists  # rows of a batch that joined with a shorter history
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, L, -1))
