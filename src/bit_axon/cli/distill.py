@@ -20,6 +20,7 @@ from typing import Any
 from bit_axon.cli.demo import examples_dir
 from bit_axon.cli.options import Flag, given_settings, settings_options
 from bit_axon.cli.paths import check_output_dir, check_run_dir
+from bit_axon.cli.run_errors import RunErrors
 from bit_axon.training.distill import TRAIN_REST, DistillConfig
 
 import typer
@@ -201,9 +202,7 @@ def distill(
     """Distill a teacher into a Bit-Axon student: KL(teacher || student) on next-token distributions."""
     from bit_axon.io import atomic_write_text
     from bit_axon.loading import load_model, load_tokenizer, model_source
-    from bit_axon.training.callbacks import TrainingError
-    from bit_axon.training.cooling import ThermalShutdownError, build_cooling_scheduler
-    from bit_axon.training.data import DatasetError
+    from bit_axon.training.cooling import build_cooling_scheduler
     from bit_axon.training.distill import DistillTrainer, prepare_student
 
     import mlx.core as mx
@@ -211,7 +210,7 @@ def distill(
 
     console = Console(quiet=mx.distributed.init().rank() != 0)
     inputs = {"teacher": teacher, "student": student, "data": data, "val_data": val_data}
-    try:
+    with RunErrors(console, output_dir):
         flags = given_settings(ctx, DistillConfig, settings)
         check_run_dir(output_dir, resume=resume)
         chosen = _recorded_run(output_dir, inputs, flags, console) if resume else flags
@@ -251,13 +250,6 @@ def distill(
                 cooling.close()
         if not result.get("interrupted") and trainer.is_main:
             save_student(student_model, student, output_dir / MODEL_DIR)
-    except ThermalShutdownError as err:
-        console.print(f"[red]Thermal stop: {err}[/red]\nThe last checkpoint in {output_dir} is intact; "
-                      "let the machine cool, then rerun with --resume.", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except (FileNotFoundError, ValueError, DatasetError, TrainingError) as err:
-        typer.echo(f"Error: {err}", err=True)
-        raise typer.Exit(1) from None
     if result.get("interrupted"):
         command = ["bit-axon", "distill", "--teacher", teacher, "--student", str(student), "-o", str(output_dir),
                    "--resume"]

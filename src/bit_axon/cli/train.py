@@ -14,6 +14,7 @@ from typing import Any
 
 from bit_axon.cli.options import Flag, flag_name, given_settings, settings_options
 from bit_axon.cli.paths import check_output_dir, check_run_dir
+from bit_axon.cli.run_errors import RunErrors
 from bit_axon.cli.settings_file import read_settings_file, write_settings_file
 from bit_axon.tokenizer import DEFAULT_TOKENIZER
 from bit_axon.training.config import QUANTIZE_MODES, REPORT_TO, TRAINING_MODES, SettingError, TrainingConfig
@@ -330,9 +331,7 @@ def train(
     **settings: Any,
 ) -> None:
     """Fine-tune with 4-bit frozen base weights and LoRA/DoRA adapters (SFT or ORPO)."""
-    from bit_axon.training.callbacks import TrainingError  # non-finite losses, no targets, a failed save
-    from bit_axon.training.cooling import ThermalShutdownError
-    from bit_axon.training.data import DatasetError, detect_format
+    from bit_axon.training.data import detect_format
 
     import mlx.core as mx
 
@@ -347,7 +346,7 @@ def train(
         # A resumed run takes the settings it recorded; the flags given change them (and the resume says so).
         recorded = Path(flags.get("output_dir", TrainingConfig.output_dir)) / RUN_SETTINGS_FILE
         settings_file = recorded if recorded.is_file() else None
-    try:
+    with RunErrors(console) as errors:
         if settings_file is not None:
             from_file = read_settings_file(settings_file, _file_annotations(), NOT_IN_FILE)
         if settings_file is not None and config is None:
@@ -361,7 +360,7 @@ def train(
         if own["data"] is None:
             raise ValueError("no training data: give DATA (or `data:` in the --config file)")
         overrides = {**from_file, **flags}
-        output_dir = Path(overrides.get("output_dir", TrainingConfig.output_dir))
+        output_dir = errors.output_dir = Path(overrides.get("output_dir", TrainingConfig.output_dir))
         check_run_dir(output_dir, resume=resume)
         check_inputs(Path(own["data"]), own["val_data"], own["model_weights"], own["config_small"],
                      overrides.get("eval_prompts"))
@@ -381,13 +380,6 @@ def train(
             tokenizer=own["tokenizer"], val_data=own["val_data"], data_format=fmt, thermal=not own["no_thermal"],
             resume=resume, console=console, dry_run=dry_run,
         )
-    except ThermalShutdownError as err:
-        console.print(f"[red]Thermal stop: {err}[/red]\nThe last checkpoint in {output_dir} is intact; "
-                      "let the machine cool, then rerun with --resume.", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except (FileNotFoundError, ValueError, DatasetError, TrainingError) as err:
-        typer.echo(f"Error: {err}", err=True)
-        raise typer.Exit(1) from None
     if result is None:
         console.print("Dry run: nothing was trained.")
         return
