@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 from bit_axon.tokenizer import QwenTokenizerWrapper
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# Hypothesis draws the same examples on every run, so that a red CI is a real failure and can be
+# rerun; HYPOTHESIS_PROFILE=explore draws new ones (and prints how to reproduce any failure).
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from toy import SignalAt
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
@@ -86,6 +86,7 @@ def _logprobs(logits: np.ndarray) -> mx.array:
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10**6), k=st.integers(1, 12), sharp=st.floats(0.1, 6.0))
+@example(seed=10988, k=12, sharp=5.753343971587251)  # float32 rounding of a KL near 2 exceeded atol=1e-5 alone
 def test_top_k_kl_is_the_kl_with_the_tail_merged(seed, k, sharp):
     """Top-k KL = the exact KL of the two distributions coarsened to (top k, one tail token): 0 <= it <= the full KL."""
     rng = np.random.default_rng(seed)
@@ -108,7 +109,7 @@ def test_top_k_kl_is_the_kl_with_the_tail_merged(seed, k, sharp):
     np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-4)
     assert (got >= -1e-5).all() and (got <= full + 1e-4).all()
     if k == vocab:
-        np.testing.assert_allclose(got, full, atol=1e-5)
+        np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
 
 
 def test_teacher_targets_top_k_are_the_largest(pair):
