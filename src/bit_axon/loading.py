@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bit_axon.config import BitAxonConfig
-from bit_axon.io import atomic_save_safetensors
+from bit_axon.io import atomic_save_safetensors, atomic_write_bytes
 from bit_axon.model import BitAxonModel
 from bit_axon.quantization import quantization_spec, quantize_model
 from bit_axon.quantization.model import check_finite
@@ -225,7 +225,21 @@ def save_model(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(path / WEIGHTS_FILE, weights, metadata={"format": "mlx"})
     model.config.save(path / "config.json")
+    _keep_source_tokenizer(model, path)
     return path
+
+
+def _keep_source_tokenizer(model: nn.Module, path: Path) -> None:
+    """A Bit-Axon model from a directory that carries tokenizer files (a port, a distilled model)
+    keeps them wherever it is saved (``merge``, ``quantize``), so its tokenizer goes with it."""
+    from bit_axon.porting import TOKENIZER_FILES as CARRIED  # porting imports this module
+
+    source = getattr(model, "source", None)
+    if source is None or not Path(source).is_dir() or Path(source).resolve() == path.resolve():
+        return
+    for name in CARRIED:
+        if (Path(source) / name).is_file():
+            atomic_write_bytes(path / name, (Path(source) / name).read_bytes())
 
 
 def output_vocab_size(model: nn.Module) -> int:

@@ -204,6 +204,7 @@ def test_only_the_options_given_override_training_config(tmp_path, monkeypatch, 
 
 
 def test_run_training_uses_the_tokenizers_special_ids(tmp_path, monkeypatch, model_dir):
+    import bit_axon.loading
     import bit_axon.tokenizer
     from bit_axon.training.trainer import Trainer
 
@@ -213,6 +214,7 @@ def test_run_training_uses_the_tokenizers_special_ids(tmp_path, monkeypatch, mod
             self.eos_token_id, self.pad_token_id = 7, 9
 
     monkeypatch.setattr(bit_axon.tokenizer, "QwenTokenizerWrapper", OtherIds)
+    monkeypatch.setattr(bit_axon.loading, "QwenTokenizerWrapper", OtherIds)  # a Bit-Axon directory's tokenizer
     seen = {}
 
     def fake_train(self, resume=False):

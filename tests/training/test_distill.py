@@ -199,6 +199,28 @@ def test_cli_distills_into_a_model_directory_that_runs(pair, tmp_path):
     assert ran.exit_code == 0, ran.output
 
 
+def test_the_distilled_model_trains_merges_and_evaluates(pair, tmp_path):
+    gguf, student_dir, text, val = pair
+    out = tmp_path / "distilled"
+    distilled = runner.invoke(app, ["distill", "--teacher", str(gguf), "--student", str(student_dir), "-o", str(out),
+                                    "--data", str(text), "--max-steps", "2", "--batch-size", "2",
+                                    "--max-seq-len", "48", "--no-thermal"])
+    assert distilled.exit_code == 0, distilled.output
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"the sky {i}"},
+                                                      {"role": "assistant", "content": "is blue"}]}) + "\n"
+                             for i in range(8)))
+    trained = runner.invoke(app, ["train", str(chats), "-w", str(out / "model"), "-o", str(tmp_path / "sft"),
+                                  "--max-steps", "2", "--batch-size", "2", "--max-seq-len", "48", "--no-thermal"])
+    assert trained.exit_code == 0, trained.output
+    adapter = tmp_path / "sft" / "final_adapter.safetensors"
+    merged = runner.invoke(app, ["merge", str(out / "model"), "--adapter", str(adapter), "-o", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    scored = runner.invoke(app, ["evaluate", str(tmp_path / "merged"), "--data", str(chats), "--seq-length", "48"])
+    assert scored.exit_code == 0, scored.output
+    assert "perplexity" in scored.output
+
+
 def test_cli_generates_the_teacher_text_without_data(pair, tmp_path):
     gguf, student_dir, _, _ = pair
     out = tmp_path / "run"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -153,19 +152,15 @@ def distill_texts(config: DistillConfig, teacher, tokenizer, output_dir: Path, d
 
 
 def save_student(model, student_dir: Path, output_dir: Path) -> Path:
-    """The distilled student as a Bit-Axon model directory in ``output_dir`` (LoRA merged; the student's tokenizer files)."""
+    """The distilled student as a Bit-Axon model directory in ``output_dir`` (LoRA merged; ``save_model``
+    carries the tokenizer files of the student's directory, ``model.source``)."""
     from bit_axon.loading import save_model
-    from bit_axon.porting import TOKENIZER_FILES
     from bit_axon.training.lora import adapter_layers
     from bit_axon.training.merging import merge_adapters
 
     if adapter_layers(model):
         merge_adapters(model)
-    save_model(model, output_dir)
-    for name in TOKENIZER_FILES:
-        if (student_dir / name).is_file():
-            shutil.copyfile(student_dir / name, output_dir / name)
-    return output_dir
+    return save_model(model, output_dir)
 
 
 def _recorded_run(output_dir: Path, inputs: dict[str, Any], flags: dict[str, Any], console: Console) -> dict[str, Any]:

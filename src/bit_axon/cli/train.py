@@ -137,12 +137,13 @@ def build_model(model_weights: Path | None, config_small: bool, config: Training
 
 
 def training_tokenizer(model_weights: Path | None, tokenizer: str):
-    """The tokenizer a run trains with: a pretrained model's own (GGUF metadata, tokenizer files)
-    unless ``--tokenizer`` names another than the default; for a Bit-Axon model, ``--tokenizer``."""
-    from bit_axon.loading import BIT_AXON, load_tokenizer, model_source
+    """The tokenizer a run trains with: the model's own (GGUF metadata, tokenizer files, or the
+    ``tokenizer.json`` a ported or distilled Bit-Axon directory carries; else the bundled Qwen2.5
+    one) unless ``--tokenizer`` names another than the default."""
+    from bit_axon.loading import load_tokenizer
     from bit_axon.tokenizer import QwenTokenizerWrapper
 
-    if model_weights is not None and tokenizer == DEFAULT_TOKENIZER and model_source(model_weights) != BIT_AXON:
+    if model_weights is not None and tokenizer == DEFAULT_TOKENIZER:
         return load_tokenizer(model_weights)
     return QwenTokenizerWrapper(tokenizer)
 
