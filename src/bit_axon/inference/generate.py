@@ -35,6 +35,13 @@ def _prompt_array(prompt_ids: Sequence[int] | mx.array) -> mx.array:
     return prompt[None]
 
 
+def prefill(model: nn.Module, prompt: mx.array, cache: Cache, step_size: int = DEFAULT_PREFILL_STEP) -> None:
+    """Run ``prompt`` (1, L) through ``model`` into ``cache``, ``step_size`` tokens at a time."""
+    for start in range(0, prompt.shape[1], step_size):
+        model(prompt[:, start : start + step_size], cache=cache)
+        mx.eval([c.state for c in cache])
+
+
 def generate_step(
     model: nn.Module,
     prompt_ids: Sequence[int] | mx.array,
@@ -69,10 +76,7 @@ def generate_step(
 
     length = prompt.shape[1]
     # The last prompt token's logits give the first new token; with max_tokens=0 it is just cached.
-    prefill = length - 1 if max_tokens else length
-    for start in range(0, prefill, prefill_step_size):
-        model(prompt[:, start : min(start + prefill_step_size, prefill)], cache=cache)
-        mx.eval([c.state for c in cache])
+    prefill(model, prompt[:, : length - 1 if max_tokens else length], cache, prefill_step_size)
     if max_tokens == 0:
         return
     token = step(prompt[:, length - 1 :])

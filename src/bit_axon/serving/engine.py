@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bit_axon.inference.detokenizer import StreamingDetokenizer
-from bit_axon.inference.generate import DEFAULT_PREFILL_STEP
+from bit_axon.inference.generate import DEFAULT_PREFILL_STEP, prefill
 from bit_axon.inference.sampling import Sampler
 from bit_axon.serving import batching
 
@@ -283,9 +283,7 @@ class Engine:
         model = job.served.model
         prompt = mx.array(list(job.request.prompt_ids), dtype=mx.int32)[None]
         cache = model.make_cache()
-        for start in range(0, prompt.shape[1] - 1, self.prefill_step_size):
-            model(prompt[:, start : min(start + self.prefill_step_size, prompt.shape[1] - 1)], cache=cache)
-            mx.eval(batching.states(cache))
+        prefill(model, prompt[:, :-1], cache, self.prefill_step_size)
         logits, _ = model(prompt[:, -1:], cache=cache)
         token = job.sampler(logits[:, -1, :])
         mx.eval(token, batching.states(cache))
